@@ -1,0 +1,41 @@
+# Everything a newcomer or CI needs, from Python 3.11 + pip + make alone.
+# uv lives in its own small venv (.uvenv) so that `uv sync` can manage .venv exactly from uv.lock.
+PYTHON ?= python3
+UV_VERSION := 0.13.9
+UV := .uvenv/bin/uv
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint typecheck check bench clean sync
+
+$(UV):
+	$(PYTHON) -m venv .uvenv
+	.uvenv/bin/pip install --quiet "uv==$(UV_VERSION)"
+
+$(VENV)/.synced: $(UV) uv.lock pyproject.toml
+	$(UV) sync --frozen --python "$$($(PYTHON) -c 'import sys; print(sys.executable)')"
+	touch $@
+
+sync: $(VENV)/.synced
+
+## The main job: see README.
+demo: sync
+	$(BIN)/certsync demo
+
+## The whole test suite (what CI runs), with lint and type checks first.
+test: sync lint typecheck
+	$(BIN)/pytest
+
+lint: sync
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/lint-imports
+
+typecheck: sync
+	$(BIN)/mypy
+
+bench: sync
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .uvenv .pytest_cache .mypy_cache .ruff_cache .coverage

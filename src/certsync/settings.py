@@ -1,0 +1,55 @@
+"""The one settings object: every ``CERTSYNC_*`` environment variable (and ``.env``), validated."""
+
+from __future__ import annotations
+
+import sys
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Configuration as pinned in ``docs`` / interface section 2. Reading it does no I/O beyond ``.env``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CERTSYNC_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    database_url: str | None = Field(default=None, description="PostgreSQL/Supabase DSN; unset: embedded")
+    data_dir: str | None = Field(default=None, description="where the embedded PostgreSQL lives")
+
+    dynamics_base_url: str | None = None
+    dynamics_sync_enabled: bool | None = Field(
+        default=None, description="feature flag; defaults to true exactly when the base URL is set"
+    )
+    dynamics_token: SecretStr | None = None
+    dynamics_token_url: str | None = None
+    dynamics_client_id: str | None = None
+    dynamics_client_secret: SecretStr | None = None
+    dynamics_scope: str | None = None
+    dynamics_signing_secret: SecretStr | None = None
+
+    retry_max_retries: int = Field(default=3, ge=0, le=20)
+    retry_base_delay: float = Field(default=2.0, ge=0.0, le=3600.0)
+    retry_max_retry_after: float = Field(default=60.0, ge=0.0, le=3600.0)
+
+    breaker_failure_threshold: int = Field(default=3, ge=1, le=1000)
+    breaker_cooldown: float = Field(default=30.0, ge=0.0, le=86400.0)
+
+    http_timeout: float = Field(default=10.0, gt=0.0, le=600.0)
+
+    log_format: Literal["json", "console"] | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _derive_defaults(self) -> Settings:
+        if self.dynamics_sync_enabled is None:
+            self.dynamics_sync_enabled = self.dynamics_base_url is not None
+        if self.log_format is None:
+            self.log_format = "console" if sys.stdout.isatty() else "json"
+        return self
+
+    @property
+    def sync_enabled(self) -> bool:
+        return bool(self.dynamics_sync_enabled)

@@ -1,0 +1,1 @@
+"""PostgreSQL adapters (psycopg 3): pool, embedded server, migrations, named queries, repositories."""

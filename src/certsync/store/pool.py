@@ -1,0 +1,48 @@
+"""The one connection pool (psycopg 3, async). Opened by the composition root, never at import."""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from certsync.store.errors import DatabaseUnavailable
+
+Pool = AsyncConnectionPool[AsyncConnection[dict[str, object]]]
+
+
+async def open_pool(
+    dsn: str, *, min_size: int = 1, max_size: int = 10, connect_timeout: float = 10.0
+) -> Pool:
+    """Open a pool and wait until one connection works; raise DatabaseUnavailable if none does.
+
+    One direct connection is tried first so that an unreachable database fails in seconds with the
+    driver's own reason, instead of the pool retrying quietly until its timeout.
+    """
+    try:
+        probe = await AsyncConnection.connect(dsn, connect_timeout=max(1, int(connect_timeout)))
+    except psycopg.Error as exc:
+        raise DatabaseUnavailable(f"cannot connect to the database: {_first_line(exc)}") from exc
+    await probe.close()
+    pool: Pool = AsyncConnectionPool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        open=False,
+        kwargs={"row_factory": dict_row, "autocommit": False},
+        connection_class=AsyncConnection[dict[str, object]],
+        check=AsyncConnectionPool.check_connection,
+        name="certsync",
+    )
+    try:
+        await pool.open(wait=True, timeout=connect_timeout)
+    except Exception as exc:
+        await pool.close()
+        raise DatabaseUnavailable(f"cannot connect to the database: {exc}") from exc
+    return pool
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

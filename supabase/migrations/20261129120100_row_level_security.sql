@@ -1,0 +1,226 @@
+-- Row-level security: a coordinator sees and changes certifications of the peer mentors in the
+-- chapters they coordinate, across organisations, and nothing else; a peer mentor sees only their
+-- own; anon sees nothing; service_role bypasses RLS.
+--
+-- Following Supabase's advice: policies `to authenticated`; `(select auth.uid())` and the helpers
+-- wrapped in `(select …)` so they run once per statement (an initPlan), not once per row; the helpers
+-- are `security definer` with `search_path = ''` in the unexposed schema `private`, so they read
+-- memberships without recursing through RLS; every column a policy filters on is indexed.
+
+create schema if not exists private;
+revoke all on schema private from public;
+grant usage on schema private to authenticated;
+
+-- Chapters in which the current user holds any membership.
+create function private.my_chapter_ids() returns setof uuid
+language sql stable security definer set search_path = ''
+as $$
+  select m.chapter_id from public.chapter_memberships m where m.user_id = (select auth.uid())
+$$;
+
+-- Chapters the current user coordinates.
+create function private.coordinated_chapter_ids() returns setof uuid
+language sql stable security definer set search_path = ''
+as $$
+  select m.chapter_id
+  from public.chapter_memberships m
+  where m.user_id = (select auth.uid()) and m.role = 'coordinator'
+$$;
+
+-- Organisations of the chapters the current user belongs to.
+create function private.my_organisation_ids() returns setof uuid
+language sql stable security definer set search_path = ''
+as $$
+  select distinct c.organisation_id
+  from public.chapters c
+  where c.id in (select m.chapter_id from public.chapter_memberships m where m.user_id = (select auth.uid()))
+$$;
+
+-- Peer mentors with a peer_mentor membership in a chapter the current user coordinates.
+create function private.coordinated_mentor_ids() returns setof uuid
+language sql stable security definer set search_path = ''
+as $$
+  select distinct pm.id
+  from public.chapter_memberships mine
+  join public.chapter_memberships theirs
+    on theirs.chapter_id = mine.chapter_id and theirs.role = 'peer_mentor'
+  join public.peer_mentors pm on pm.user_id = theirs.user_id
+  where mine.user_id = (select auth.uid()) and mine.role = 'coordinator'
+$$;
+
+-- What the current user may read: the mentors they coordinate, and themselves if they are a mentor.
+create function private.visible_mentor_ids() returns setof uuid
+language sql stable security definer set search_path = ''
+as $$
+  select id from private.coordinated_mentor_ids() as t(id)
+  union
+  select pm.id from public.peer_mentors pm where pm.user_id = (select auth.uid())
+$$;
+
+revoke all on all functions in schema private from public, anon;
+grant execute on all functions in schema private to authenticated;
+
+-- ---------------------------------------------------------------------------------------------------
+-- Emergency switch: `select private.lockdown('public.certifications', 'reason');` denies the table to
+-- every `authenticated` request from the next statement on (a restrictive policy reads this table);
+-- `select private.lift_lockdown('public.certifications');` undoes it. service_role is not affected.
+create table private.table_lockdowns (
+  table_name text primary key,
+  reason text not null,
+  locked_at timestamptz not null default now(),
+  locked_by text not null default current_user
+);
+
+create function private.is_locked(p_table text) returns boolean
+language sql stable security definer set search_path = ''
+as $$
+  select exists (select 1 from private.table_lockdowns l where l.table_name = p_table)
+$$;
+grant execute on function private.is_locked(text) to authenticated;
+
+create function private.lockdown(p_table regclass, p_reason text) returns void
+language sql volatile security definer set search_path = ''
+as $$
+  insert into private.table_lockdowns (table_name, reason)
+  select c.relname, p_reason from pg_catalog.pg_class c where c.oid = p_table
+  on conflict (table_name) do update set reason = excluded.reason, locked_at = now()
+$$;
+
+create function private.lift_lockdown(p_table regclass) returns void
+language sql volatile security definer set search_path = ''
+as $$
+  delete from private.table_lockdowns l
+  using pg_catalog.pg_class c where c.oid = p_table and l.table_name = c.relname
+$$;
+revoke all on function private.lockdown(regclass, text), private.lift_lockdown(regclass)
+  from public, anon, authenticated;
+
+-- ---------------------------------------------------------------------------------------------------
+-- Access audit (off by default): when on, every certification read whose mentor also belongs to an
+-- organisation where the reader holds no membership is recorded. Cost when off: one initPlan per
+-- statement; when on: one function call per row returned (see docs/security.md).
+create table private.settings (
+  key text primary key,
+  value jsonb not null
+);
+insert into private.settings (key, value) values ('access_audit_enabled', 'false'::jsonb);
+
+create table private.access_audit (
+  id bigint generated always as identity primary key,
+  read_at timestamptz not null default now(),
+  reader_id uuid not null,
+  certification_id uuid not null,
+  peer_mentor_id uuid not null,
+  foreign_organisation_ids uuid[] not null
+);
+create index access_audit_read_at_idx on private.access_audit (read_at desc);
+
+create function private.access_audit_enabled() returns boolean
+language sql stable security definer set search_path = ''
+as $$
+  select coalesce((select s.value = 'true'::jsonb from private.settings s where s.key = 'access_audit_enabled'), false)
+$$;
+
+create function private.audit_certification_read(p_certification_id uuid, p_peer_mentor_id uuid)
+returns boolean
+language plpgsql volatile security definer set search_path = ''
+as $$
+declare
+  v_reader uuid := (select auth.uid());
+  v_foreign uuid[];
+begin
+  select array_agg(distinct c.organisation_id) into v_foreign
+  from public.peer_mentors pm
+  join public.chapter_memberships m on m.user_id = pm.user_id
+  join public.chapters c on c.id = m.chapter_id
+  where pm.id = p_peer_mentor_id
+    and c.organisation_id not in (select private.my_organisation_ids());
+  if v_foreign is not null and v_reader is not null then
+    if current_setting('transaction_read_only') = 'on' then
+      -- PostgREST runs GETs read-only; the server log (Supabase: Logs Explorer) carries the record.
+      raise log 'certsync_access_audit reader=% certification=% foreign_organisations=%',
+        v_reader, p_certification_id, v_foreign;
+    else
+      insert into private.access_audit (reader_id, certification_id, peer_mentor_id, foreign_organisation_ids)
+      values (v_reader, p_certification_id, p_peer_mentor_id, v_foreign);
+    end if;
+  end if;
+  return true;
+end
+$$;
+grant execute on function private.access_audit_enabled(), private.audit_certification_read(uuid, uuid)
+  to authenticated;
+
+create function private.set_access_audit(p_enabled boolean) returns void
+language sql volatile security definer set search_path = ''
+as $$
+  update private.settings set value = to_jsonb(p_enabled) where key = 'access_audit_enabled'
+$$;
+revoke all on function private.set_access_audit(boolean) from public, anon, authenticated;
+
+-- The cross-organisation reads recorded since a moment (for operators; not exposed to the API).
+create function private.cross_organisation_reads(p_since timestamptz default now() - interval '7 days')
+returns table (read_at timestamptz, reader_id uuid, certification_id uuid, peer_mentor_id uuid,
+               foreign_organisation_ids uuid[])
+language sql stable security definer set search_path = ''
+as $$
+  select a.read_at, a.reader_id, a.certification_id, a.peer_mentor_id, a.foreign_organisation_ids
+  from private.access_audit a where a.read_at >= p_since order by a.read_at desc
+$$;
+revoke all on function private.cross_organisation_reads(timestamptz) from public, anon, authenticated;
+
+-- ---------------------------------------------------------------------------------------------------
+-- Privileges: anon gets nothing; authenticated reads the directory tables and reads/writes
+-- certifications (RLS decides which rows); the retry queue is for service_role only.
+revoke all on public.organisations, public.chapters, public.chapter_memberships, public.peer_mentors,
+  public.certifications, public.dynamics_sync_retry_queue from anon, authenticated;
+grant select on public.organisations, public.chapters, public.chapter_memberships, public.peer_mentors
+  to authenticated;
+grant select, insert, update on public.certifications to authenticated;
+grant all on public.organisations, public.chapters, public.chapter_memberships, public.peer_mentors,
+  public.certifications, public.dynamics_sync_retry_queue to service_role;
+
+alter table public.organisations enable row level security;
+alter table public.chapters enable row level security;
+alter table public.chapter_memberships enable row level security;
+alter table public.peer_mentors enable row level security;
+alter table public.certifications enable row level security;
+alter table public.dynamics_sync_retry_queue enable row level security;
+
+create policy organisations_select on public.organisations for select to authenticated
+  using (id in (select private.my_organisation_ids()));
+
+create policy chapters_select on public.chapters for select to authenticated
+  using (id in (select private.my_chapter_ids()));
+
+create policy chapter_memberships_select on public.chapter_memberships for select to authenticated
+  using (user_id = (select auth.uid()) or chapter_id in (select private.coordinated_chapter_ids()));
+
+create policy peer_mentors_select on public.peer_mentors for select to authenticated
+  using (id in (select private.visible_mentor_ids()));
+
+create policy certifications_select on public.certifications for select to authenticated
+  using (
+    peer_mentor_id in (select private.visible_mentor_ids())
+    and (not (select private.access_audit_enabled()) or private.audit_certification_read(id, peer_mentor_id))
+  );
+
+create policy certifications_insert on public.certifications for insert to authenticated
+  with check (peer_mentor_id in (select private.coordinated_mentor_ids()));
+
+create policy certifications_update on public.certifications for update to authenticated
+  using (peer_mentor_id in (select private.coordinated_mentor_ids()))
+  with check (peer_mentor_id in (select private.coordinated_mentor_ids()));
+
+-- The emergency switch's restrictive policies: ANDed with every permissive policy above.
+create policy organisations_lockdown on public.organisations as restrictive for all to authenticated
+  using (not (select private.is_locked('organisations')));
+create policy chapters_lockdown on public.chapters as restrictive for all to authenticated
+  using (not (select private.is_locked('chapters')));
+create policy chapter_memberships_lockdown on public.chapter_memberships as restrictive for all to authenticated
+  using (not (select private.is_locked('chapter_memberships')));
+create policy peer_mentors_lockdown on public.peer_mentors as restrictive for all to authenticated
+  using (not (select private.is_locked('peer_mentors')));
+create policy certifications_lockdown on public.certifications as restrictive for all to authenticated
+  using (not (select private.is_locked('certifications')))
+  with check (not (select private.is_locked('certifications')));

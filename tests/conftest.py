@@ -1,0 +1,44 @@
+"""Shared fixtures: a real PostgreSQL database per test, cloned from a migrated template."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from certsync.store.pool import Pool, open_pool
+from tests.support.databases import (
+    admin_url,
+    create_database,
+    create_migrated_template,
+    drop_database,
+    unique_name,
+)
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> str:
+    return admin_url()
+
+
+@pytest.fixture(scope="session")
+def template_database(pg_admin_url: str) -> Iterator[str]:
+    name = create_migrated_template(pg_admin_url)
+    yield name
+    drop_database(pg_admin_url, name)
+
+
+@pytest.fixture
+def database_url(pg_admin_url: str, template_database: str) -> Iterator[str]:
+    """A fresh, migrated database for one test; dropped afterwards."""
+    name = unique_name("certsync_test")
+    url = create_database(pg_admin_url, name, template=template_database)
+    yield url
+    drop_database(pg_admin_url, name)
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[Pool]:
+    p = await open_pool(database_url, max_size=4)
+    yield p
+    await p.close()
