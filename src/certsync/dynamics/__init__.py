@@ -1,0 +1,1 @@
+"""The Dynamics portal: contract v1, HTTP client, auth, signing, and HLFDynamicsSyncService."""

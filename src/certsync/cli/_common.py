@@ -1,4 +1,4 @@
-"""The ``certsync`` command line: thin commands that parse, build through ``app`` and call.
+"""Shared by every command: the root Typer app, settings loading and the exit-code mapping.
 
 Exit codes: 0 done; 1 an operational failure (database or Dynamics unreachable); 2 bad input or
 configuration, always as one clear line on stderr and never a traceback.
@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn, TypeVar
+from typing import NoReturn, TypeVar
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 
-from certsync import app as composition
 from certsync.logs import configure_logging
 from certsync.settings import Settings
 from certsync.store.errors import DatabaseUnavailable, MigrationError, NotFound, StoreError
@@ -57,36 +56,3 @@ def run(work: Callable[[], Awaitable[T]]) -> T:
         fail(2, str(exc))
     except (DatabaseUnavailable, MigrationError, StoreError) as exc:
         fail(1, str(exc))
-
-
-@cli.callback()
-def _root() -> None:
-    """Keeps HLF peer-mentor certifications true on the Dynamics portal.
-
-    Configuration comes from CERTSYNC_* environment variables (and a .env file); see the README.
-    """
-
-
-@cli.command()
-def migrate() -> None:
-    """Apply supabase/migrations/*.sql (after the local Supabase shims on a plain PostgreSQL). Idempotent."""
-    settings = load_settings()
-
-    async def work() -> Any:
-        from certsync.store.migrations import migrate as apply
-
-        async with composition.open_pool_for(settings, max_size=1) as pool, pool.connection() as conn:
-            return await apply(conn)
-
-    report = run(work)
-    if report.shims_applied:
-        out.print("Applied the local Supabase shims (roles, auth schema, auth.uid()/auth.jwt()).")
-    for name in report.applied:
-        out.print(f"[green]applied[/]  {name}")
-    out.print(
-        f"{len(report.applied)} migration(s) applied, {len(report.already_applied)} already up to date."
-    )
-
-
-def main() -> None:
-    cli()
