@@ -1,0 +1,1 @@
+"""Pure resilience primitives: the Clock protocol, RetryPolicy, DynamicsCircuitBreaker."""
