@@ -17,3 +17,9 @@ class MigrationError(StoreError):
 
 class NotFound(StoreError):
     """A row that the caller named does not exist (or is not visible to them)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a driver error: enough to say what failed, without a multi-line dump."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -7,7 +7,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from certsync.store.errors import DatabaseUnavailable
+from certsync.store.errors import DatabaseUnavailable, first_line
 
 Pool = AsyncConnectionPool[AsyncConnection[dict[str, object]]]
 
@@ -23,7 +23,7 @@ async def open_pool(
     try:
         probe = await AsyncConnection.connect(dsn, connect_timeout=max(1, int(connect_timeout)))
     except psycopg.Error as exc:
-        raise DatabaseUnavailable(f"cannot connect to the database: {_first_line(exc)}") from exc
+        raise DatabaseUnavailable(f"cannot connect to the database: {first_line(exc)}") from exc
     await probe.close()
     pool: Pool = AsyncConnectionPool(
         dsn,
@@ -41,8 +41,3 @@ async def open_pool(
         await pool.close()
         raise DatabaseUnavailable(f"cannot connect to the database: {exc}") from exc
     return pool
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,152 @@
+"""The certification outbox: events written by the capture trigger, claimed and closed by workers.
+
+Every close is fenced by the claim's ``claim_token``: a worker whose lease expired (and whose event was
+rescued and claimed again) cannot overwrite the newer claim's result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import psycopg
+
+from certsync.store.db import fetch
+from certsync.store.errors import DatabaseUnavailable
+from certsync.store.pool import Pool
+from certsync.store.queries import query
+from certsync.store.retry_queue import NewRetryEntry, insert_entry
+
+NOTIFY_CHANNEL = "certsync_outbox"
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedEvent:
+    """One claimed outbox event: the newest state of its certification, ours until the lease ends."""
+
+    id: UUID
+    certification_id: UUID
+    certification_version: int
+    operation_type: str
+    state: dict[str, Any]
+    occurred_at: datetime
+    attempts: int
+    claim_token: UUID
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    events: tuple[ClaimedEvent, ...]
+    superseded: int
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxDepth:
+    waiting: int
+    in_flight: int
+    oldest_open_at: datetime | None
+    next_due_at: datetime | None
+
+
+class Outbox:
+    """Claims and closes outbox events for one worker (``worker_id`` is recorded on each claim)."""
+
+    def __init__(self, pool: Pool, worker_id: str) -> None:
+        self._pool = pool
+        self.worker_id = worker_id
+
+    async def rescue_expired(self, now: datetime) -> int:
+        rows = await fetch(self._pool, "rescue_expired_claims", {"now": now})
+        return len(rows)
+
+    async def claim(self, now: datetime, *, limit: int, lease_seconds: float) -> Claim:
+        rows = await fetch(
+            self._pool,
+            "claim_due_events",
+            {
+                "now": now,
+                "limit": limit,
+                "scan": limit * 2,
+                "worker": self.worker_id,
+                "lease_seconds": lease_seconds,
+            },
+        )
+        events = tuple(
+            ClaimedEvent(
+                id=r["id"],
+                certification_id=r["certification_id"],
+                certification_version=r["certification_version"],
+                operation_type=r["operation_type"],
+                state=r["state"],
+                occurred_at=r["occurred_at"],
+                attempts=r["attempts"],
+                claim_token=r["claim_token"],
+            )
+            for r in rows
+        )
+        superseded = int(rows[0]["superseded_count"]) if rows else 0
+        return Claim(events=events, superseded=superseded)
+
+    async def mark_delivered(self, event: ClaimedEvent, now: datetime, detail: str | None = None) -> bool:
+        """Close as delivered; False when the claim was lost (fenced: a newer claim owns the event)."""
+        rows = await fetch(
+            self._pool,
+            "mark_delivered",
+            {"id": event.id, "claim_token": event.claim_token, "now": now, "detail": detail},
+        )
+        return bool(rows)
+
+    async def mark_queued(self, event: ClaimedEvent, now: datetime, entry: NewRetryEntry) -> int | None:
+        """Close the event and write its retry-queue row in ONE transaction, so it is always in exactly
+        one place. Returns the queue entry id, or None when the claim was lost (nothing written)."""
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                cur = await conn.execute(
+                    query("mark_queued"),
+                    {
+                        "id": event.id,
+                        "claim_token": event.claim_token,
+                        "now": now,
+                        "detail": entry.failure_reason,
+                    },
+                )
+                if await cur.fetchone() is None:
+                    return None
+                return await insert_entry(conn, entry, now)
+        except psycopg.OperationalError as exc:
+            raise DatabaseUnavailable(f"database unavailable while queueing an event: {exc}") from exc
+
+    async def release(
+        self, event: ClaimedEvent, *, available_at: datetime, detail: str | None = None
+    ) -> bool:
+        rows = await fetch(
+            self._pool,
+            "release_claim",
+            {
+                "id": event.id,
+                "claim_token": event.claim_token,
+                "available_at": available_at,
+                "detail": detail,
+            },
+        )
+        return bool(rows)
+
+    async def extend_lease(self, event: ClaimedEvent, lease_until: datetime) -> bool:
+        rows = await fetch(
+            self._pool,
+            "extend_lease",
+            {"id": event.id, "claim_token": event.claim_token, "lease_until": lease_until},
+        )
+        return bool(rows)
+
+    async def depth(self) -> OutboxDepth:
+        rows = await fetch(self._pool, "outbox_depth", {})
+        r = rows[0]
+        return OutboxDepth(
+            waiting=int(r["waiting"]),
+            in_flight=int(r["in_flight"]),
+            oldest_open_at=r["oldest_open_at"],
+            next_due_at=r["next_due_at"],
+        )

@@ -1,0 +1,150 @@
+"""The Dynamics retry queue (``dynamics_sync_retry_queue``): what could not be delivered, kept for
+manual replay (``pending``) or investigation (``requires_investigation``), never dropped."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+from uuid import UUID
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg.types.json import Jsonb
+
+from certsync.store.db import fetch
+from certsync.store.errors import DatabaseUnavailable, NotFound
+from certsync.store.pool import Pool
+from certsync.store.queries import query
+
+QueueStatus = Literal["pending", "requires_investigation", "replayed", "discarded"]
+QUEUE_STATUSES: tuple[QueueStatus, ...] = ("pending", "requires_investigation", "replayed", "discarded")
+
+
+@dataclass(frozen=True, slots=True)
+class NewRetryEntry:
+    """A failed delivery to keep. ``payload_json`` is the full request body that was (or would be) sent."""
+
+    operation_type: str
+    certification_id: UUID | None
+    event_id: UUID | None
+    payload_json: dict[str, Any]
+    failure_reason: str
+    attempt_count: int
+    status: Literal["pending", "requires_investigation"]
+
+
+async def insert_entry(conn: AsyncConnection[Any], entry: NewRetryEntry, now: datetime) -> int:
+    """Insert on a caller's connection (so it can share the caller's transaction)."""
+    cur = await conn.execute(
+        query("insert_retry_entry"),
+        {
+            "operation_type": entry.operation_type,
+            "certification_id": entry.certification_id,
+            "event_id": entry.event_id,
+            "payload_json": Jsonb(entry.payload_json),
+            "failure_reason": entry.failure_reason,
+            "attempt_count": entry.attempt_count,
+            "status": entry.status,
+            "now": now,
+        },
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return int(dict(row)["id"])
+
+
+class RetryQueue:
+    """Reads and changes the retry queue. Every method raises DatabaseUnavailable, never swallows."""
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+
+    async def add(self, entry: NewRetryEntry, now: datetime) -> int:
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                return await insert_entry(conn, entry, now)
+        except psycopg.OperationalError as exc:
+            raise DatabaseUnavailable(f"could not write the retry queue: {exc}") from exc
+
+    async def get(self, entry_id: int) -> dict[str, Any]:
+        rows = await fetch(self._pool, "get_retry_entry", {"id": entry_id})
+        if not rows:
+            raise NotFound(f"no retry queue entry with id {entry_id}")
+        return rows[0]
+
+    async def list_entries(
+        self,
+        *,
+        status: str | None = None,
+        operation_type: str | None = None,
+        certification_id: UUID | None = None,
+        before_id: int | None = None,
+        limit: int = 50,
+    ) -> list[dict[str, Any]]:
+        return await fetch(
+            self._pool,
+            "list_retry_entries",
+            {
+                "status": status,
+                "operation_type": operation_type,
+                "certification_id": certification_id,
+                "before_id": before_id,
+                "limit": limit,
+            },
+        )
+
+    async def iterate(
+        self, *, status: str | None = None, operation_type: str | None = None, page_size: int = 500
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every matching entry, newest first, a page at a time (keyset paging: bounded memory)."""
+        before: int | None = None
+        while True:
+            page = await self.list_entries(
+                status=status, operation_type=operation_type, before_id=before, limit=page_size
+            )
+            for row in page:
+                yield row
+            if len(page) < page_size:
+                return
+            before = int(page[-1]["id"])
+
+    async def record_replay_outcome(
+        self,
+        entry_id: int,
+        *,
+        status: QueueStatus,
+        failure_reason: str | None,
+        attempts: int,
+        by: str,
+        now: datetime,
+        payload_json: dict[str, Any] | None,
+    ) -> None:
+        rows = await fetch(
+            self._pool,
+            "record_replay_outcome",
+            {
+                "id": entry_id,
+                "status": status,
+                "failure_reason": failure_reason,
+                "attempts": attempts,
+                "by": by,
+                "now": now,
+                "payload_json": Jsonb(payload_json) if payload_json is not None else None,
+            },
+        )
+        if not rows:
+            raise NotFound(f"no retry queue entry with id {entry_id}")
+
+    async def discard(self, entry_id: int, *, reason: str, by: str, now: datetime) -> bool:
+        """Mark discarded (kept, with the reason). False when it was already replayed or discarded."""
+        await self.get(entry_id)
+        rows = await fetch(
+            self._pool, "discard_retry_entry", {"id": entry_id, "reason": reason, "by": by, "now": now}
+        )
+        return bool(rows)
+
+    async def counts(self) -> dict[str, tuple[int, datetime | None]]:
+        rows = await fetch(self._pool, "retry_queue_counts", {})
+        return {r["status"]: (int(r["entries"]), r["oldest_at"]) for r in rows}

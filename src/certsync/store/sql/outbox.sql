@@ -1,0 +1,109 @@
+-- Outbox queries: claim, close (fenced by claim_token), release, rescue, and what the worker needs.
+
+-- name: rescue_expired_claims
+-- A worker that died leaves its claims in flight; once their lease has passed they wait again.
+-- The dead worker's claim_token no longer matches, so a late result from it cannot close the event.
+update public.certification_sync_events
+set status = 'waiting', claim_token = null, claimed_by = null, lease_until = null
+where status = 'in_flight' and lease_until < %(now)s
+returning id;
+
+-- name: claim_due_events
+-- Claims the newest waiting event of up to %(limit)s certifications and supersedes the older ones.
+-- Candidates are certifications (oldest due first); all of a candidate's waiting events are locked
+-- with SKIP LOCKED, and it is taken only when every one of them was locked here (no other worker is
+-- claiming it at this moment) and none of its events is in flight. FOR UPDATE re-checks each row's
+-- latest version, so an event another worker has just claimed is never taken twice; the unique
+-- index on in-flight events is the last guard.
+with candidates as (
+  select e.certification_id
+  from public.certification_sync_events e
+  where e.status = 'waiting' and e.available_at <= %(now)s
+  group by e.certification_id
+  order by min(e.available_at), e.certification_id
+  limit %(scan)s
+),
+locked as (
+  select e.id, e.certification_id, e.certification_version
+  from public.certification_sync_events e
+  where e.certification_id in (select certification_id from candidates)
+    and e.status = 'waiting' and e.available_at <= %(now)s
+  for update skip locked
+),
+per_certification as (
+  select l.certification_id, max(l.certification_version) as newest, count(*) as locked_count
+  from locked l
+  group by l.certification_id
+),
+claimable as (
+  select p.certification_id, p.newest
+  from per_certification p
+  where p.locked_count = (
+      select count(*) from public.certification_sync_events w
+      where w.certification_id = p.certification_id and w.status = 'waiting' and w.available_at <= %(now)s)
+    and not exists (
+      select 1 from public.certification_sync_events f
+      where f.certification_id = p.certification_id and f.status = 'in_flight')
+  order by p.certification_id
+  limit %(limit)s
+),
+claimed as (
+  update public.certification_sync_events e
+  set status = 'in_flight', claim_token = gen_random_uuid(), claimed_by = %(worker)s,
+      lease_until = %(now)s + make_interval(secs => %(lease_seconds)s), attempts = e.attempts + 1
+  from claimable c, locked l
+  where l.id = e.id and l.certification_id = c.certification_id and l.certification_version = c.newest
+  returning e.id, e.certification_id, e.certification_version, e.operation_type, e.state, e.occurred_at,
+            e.attempts, e.claim_token
+),
+superseded as (
+  update public.certification_sync_events e
+  set status = 'superseded', superseded_by = k.id, closed_at = %(now)s
+  from claimed k, locked l
+  where l.id = e.id and l.certification_id = k.certification_id and e.id <> k.id
+  returning e.id
+)
+select k.*, (select count(*) from superseded) as superseded_count
+from claimed k
+order by k.occurred_at, k.id;
+
+-- name: mark_delivered
+update public.certification_sync_events
+set status = 'delivered', closed_at = %(now)s, claim_token = null, lease_until = null, detail = %(detail)s
+where id = %(id)s and claim_token = %(claim_token)s and status = 'in_flight'
+returning id;
+
+-- name: mark_queued
+update public.certification_sync_events
+set status = 'queued', closed_at = %(now)s, claim_token = null, lease_until = null, detail = %(detail)s
+where id = %(id)s and claim_token = %(claim_token)s and status = 'in_flight'
+returning id;
+
+-- name: release_claim
+-- Hands an event back unsent (circuit open, shutting down, a global pause): it waits again, due at
+-- %(available_at)s, and the attempt it was claimed for does not count.
+update public.certification_sync_events
+set status = 'waiting', claim_token = null, claimed_by = null, lease_until = null,
+    available_at = %(available_at)s, attempts = greatest(attempts - 1, 0), detail = %(detail)s
+where id = %(id)s and claim_token = %(claim_token)s and status = 'in_flight'
+returning id;
+
+-- name: extend_lease
+update public.certification_sync_events
+set lease_until = %(lease_until)s
+where id = %(id)s and claim_token = %(claim_token)s and status = 'in_flight'
+returning id;
+
+-- name: outbox_depth
+select count(*) filter (where status = 'waiting') as waiting,
+       count(*) filter (where status = 'in_flight') as in_flight,
+       min(occurred_at) filter (where status in ('waiting', 'in_flight')) as oldest_open_at,
+       min(available_at) filter (where status = 'waiting') as next_due_at
+from public.certification_sync_events
+where status in ('waiting', 'in_flight');
+
+-- name: events_for_certification
+select id, certification_version, operation_type, status, attempts, superseded_by, occurred_at, closed_at
+from public.certification_sync_events
+where certification_id = %(certification_id)s
+order by certification_version, occurred_at;

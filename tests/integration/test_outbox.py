@@ -1,0 +1,211 @@
+"""The outbox: capture in the same transaction, claim newest-per-certification, fencing, queueing."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from uuid import UUID
+
+import psycopg
+import pytest
+
+from certsync.store.outbox import NOTIFY_CHANNEL, Outbox
+from certsync.store.pool import Pool
+from certsync.store.retry_queue import NewRetryEntry
+
+pytestmark = pytest.mark.integration
+
+# Event times default to the database clock; claims pass "now" explicitly, a little later than that.
+NOW = datetime.now(UTC) + timedelta(hours=1)
+
+
+async def seed_certifications(pool: Pool, count: int) -> list[UUID]:
+    """``count`` active certifications of one mentor, inserted by plain SQL as the superuser."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            """
+            with u as (insert into auth.users default values returning id),
+                 m as (insert into public.peer_mentors (user_id, display_name)
+                       select id, 'Mentor' from u returning id)
+            insert into public.certifications (peer_mentor_id, valid_from, valid_until)
+            select m.id, date '2026-01-01', date '2027-01-01' from m, generate_series(1, %s)
+            returning id
+            """,
+            (count,),
+        )
+        return [r["id"] for r in await cur.fetchall()]
+
+
+async def events(pool: Pool, certification_id: UUID) -> list[dict[str, object]]:
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "select * from public.certification_sync_events where certification_id = %s"
+            " order by certification_version",
+            (certification_id,),
+        )
+        return [dict(r) for r in await cur.fetchall()]
+
+
+async def test_insert_by_plain_sql_is_captured_as_a_created_event(pool: Pool) -> None:
+    [cert] = await seed_certifications(pool, 1)
+    [event] = await events(pool, cert)
+    assert event["operation_type"] == "certification.created"
+    assert event["status"] == "waiting"
+    assert event["certification_version"] == 1
+    assert event["state"] == {
+        "id": str(cert),
+        "peer_mentor_id": event["state"]["peer_mentor_id"],  # type: ignore[index]
+        "certification_type": "peer_mentor",
+        "status": "active",
+        "valid_from": "2026-01-01",
+        "valid_until": "2027-01-01",
+        "version": 1,
+    }
+
+
+async def test_status_change_by_plain_sql_is_captured_with_the_new_state_and_version(pool: Pool) -> None:
+    [cert] = await seed_certifications(pool, 1)
+    async with pool.connection() as conn:
+        await conn.execute("update public.certifications set status = 'revoked' where id = %s", (cert,))
+    created, changed = await events(pool, cert)
+    assert changed["operation_type"] == "certification.status_changed"
+    assert changed["certification_version"] == 2
+    assert changed["state"]["status"] == "revoked"  # type: ignore[index]
+    assert changed["state"]["version"] == 2  # type: ignore[index]
+
+
+async def test_a_rolled_back_change_leaves_no_event(pool: Pool) -> None:
+    [cert] = await seed_certifications(pool, 1)
+    async with pool.connection() as conn:
+        async with conn.transaction() as tx:
+            await conn.execute("update public.certifications set status = 'suspended' where id = %s", (cert,))
+            raise psycopg.Rollback(tx)
+    assert [e["operation_type"] for e in await events(pool, cert)] == ["certification.created"]
+
+
+async def test_a_bulk_update_writes_one_event_per_row_and_one_notification(
+    pool: Pool, database_url: str
+) -> None:
+    certs = await seed_certifications(pool, 50)
+    listener = await psycopg.AsyncConnection.connect(database_url, autocommit=True)
+    try:
+        await listener.execute(f"listen {NOTIFY_CHANNEL}")
+        async with pool.connection() as conn:
+            await conn.execute(
+                "update public.certifications set status = 'expired' where id = any(%s)", (certs,)
+            )
+        received = []
+        gen = listener.notifies(timeout=1.0)
+        async for note in gen:
+            received.append(note)
+        assert len(received) == 1
+    finally:
+        await listener.close()
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "select count(*) as n from public.certification_sync_events"
+            " where operation_type = 'certification.status_changed'"
+        )
+        assert (await cur.fetchone())["n"] == 50  # type: ignore[index]
+
+
+async def test_claim_takes_the_newest_state_once_and_supersedes_older_events(pool: Pool) -> None:
+    [cert] = await seed_certifications(pool, 1)
+    async with pool.connection() as conn:
+        await conn.execute("update public.certifications set status = 'suspended' where id = %s", (cert,))
+        await conn.execute("update public.certifications set status = 'revoked' where id = %s", (cert,))
+    outbox = Outbox(pool, "worker-a")
+    claim = await outbox.claim(datetime.now(UTC), limit=10, lease_seconds=60)
+    assert [(e.certification_id, e.certification_version) for e in claim.events] == [(cert, 3)]
+    assert claim.superseded == 2
+    statuses = {e["certification_version"]: e["status"] for e in await events(pool, cert)}
+    assert statuses == {1: "superseded", 2: "superseded", 3: "in_flight"}
+
+
+async def test_an_event_in_flight_blocks_a_second_claim_of_its_certification(pool: Pool) -> None:
+    [cert] = await seed_certifications(pool, 1)
+    outbox = Outbox(pool, "worker-a")
+    first = await outbox.claim(datetime.now(UTC), limit=10, lease_seconds=60)
+    async with pool.connection() as conn:
+        await conn.execute("update public.certifications set status = 'revoked' where id = %s", (cert,))
+    second = await Outbox(pool, "worker-b").claim(datetime.now(UTC), limit=10, lease_seconds=60)
+    assert len(first.events) == 1
+    assert second.events == ()
+
+
+async def test_concurrent_claimers_never_take_the_same_certification(pool: Pool, database_url: str) -> None:
+    certs = await seed_certifications(pool, 200)
+    async with pool.connection() as conn:
+        await conn.execute(
+            "update public.certifications set status = 'suspended' where id = any(%s)", (certs,)
+        )
+    from certsync.store.pool import open_pool
+
+    pools = [await open_pool(database_url, max_size=2) for _ in range(4)]
+    try:
+        outboxes = [Outbox(p, f"worker-{i}") for i, p in enumerate(pools)]
+        claimed: list[UUID] = []
+        for _ in range(20):
+            claims = await asyncio.gather(
+                *(o.claim(datetime.now(UTC), limit=25, lease_seconds=60) for o in outboxes)
+            )
+            batch = [e.certification_id for c in claims for e in c.events]
+            claimed.extend(batch)
+            if not batch:
+                break
+    finally:
+        for p in pools:
+            await p.close()
+    assert sorted(claimed) == sorted(certs)  # every certification exactly once
+
+
+async def test_a_rescued_claim_cannot_be_closed_by_the_worker_that_lost_it(pool: Pool) -> None:
+    [cert] = await seed_certifications(pool, 1)
+    dead = Outbox(pool, "dead-worker")
+    [lost] = (await dead.claim(NOW, limit=1, lease_seconds=30)).events
+    alive = Outbox(pool, "alive-worker")
+    assert await alive.rescue_expired(NOW + timedelta(seconds=31)) == 1
+    [rescued] = (await alive.claim(NOW + timedelta(seconds=31), limit=1, lease_seconds=30)).events
+    assert rescued.id == lost.id
+    assert rescued.attempts == 2
+    assert await dead.mark_delivered(lost, NOW) is False  # fenced
+    assert await alive.mark_delivered(rescued, NOW) is True
+    [event] = await events(pool, cert)
+    assert event["status"] == "delivered"
+    assert event["claimed_by"] == "alive-worker"
+
+
+async def test_queueing_closes_the_event_and_writes_the_retry_row_together(pool: Pool) -> None:
+    [cert] = await seed_certifications(pool, 1)
+    outbox = Outbox(pool, "worker-a")
+    [event] = (await outbox.claim(datetime.now(UTC), limit=1, lease_seconds=60)).events
+    entry = NewRetryEntry(
+        operation_type=event.operation_type,
+        certification_id=cert,
+        event_id=event.id,
+        payload_json={"contract_version": 1},
+        failure_reason="HTTP 503 Service Unavailable",
+        attempt_count=4,
+        status="pending",
+    )
+    entry_id = await outbox.mark_queued(event, NOW, entry)
+    assert entry_id is not None
+    assert await outbox.mark_queued(event, NOW, entry) is None  # the claim is closed: nothing written twice
+    async with pool.connection() as conn:
+        cur = await conn.execute("select count(*) as n from public.dynamics_sync_retry_queue")
+        assert (await cur.fetchone())["n"] == 1  # type: ignore[index]
+    [closed] = await events(pool, cert)
+    assert closed["status"] == "queued"
+
+
+async def test_release_puts_the_event_back_without_counting_the_attempt(pool: Pool) -> None:
+    [cert] = await seed_certifications(pool, 1)
+    outbox = Outbox(pool, "worker-a")
+    [event] = (await outbox.claim(NOW, limit=1, lease_seconds=60)).events
+    assert await outbox.release(event, available_at=NOW + timedelta(seconds=5), detail="circuit open")
+    assert (await outbox.claim(NOW, limit=1, lease_seconds=60)).events == ()
+    [again] = (await outbox.claim(NOW + timedelta(seconds=5), limit=1, lease_seconds=60)).events
+    assert again.id == event.id
+    assert again.attempts == 1
+    depth = await outbox.depth()
+    assert (depth.waiting, depth.in_flight) == (0, 1)
