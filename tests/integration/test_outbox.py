@@ -67,7 +67,7 @@ async def test_status_change_by_plain_sql_is_captured_with_the_new_state_and_ver
     [cert] = await seed_certifications(pool, 1)
     async with pool.connection() as conn:
         await conn.execute("update public.certifications set status = 'revoked' where id = %s", (cert,))
-    created, changed = await events(pool, cert)
+    _created, changed = await events(pool, cert)
     assert changed["operation_type"] == "certification.status_changed"
     assert changed["certification_version"] == 2
     assert changed["state"]["status"] == "revoked"  # type: ignore[index]
@@ -76,10 +76,9 @@ async def test_status_change_by_plain_sql_is_captured_with_the_new_state_and_ver
 
 async def test_a_rolled_back_change_leaves_no_event(pool: Pool) -> None:
     [cert] = await seed_certifications(pool, 1)
-    async with pool.connection() as conn:
-        async with conn.transaction() as tx:
-            await conn.execute("update public.certifications set status = 'suspended' where id = %s", (cert,))
-            raise psycopg.Rollback(tx)
+    async with pool.connection() as conn, conn.transaction() as tx:
+        await conn.execute("update public.certifications set status = 'suspended' where id = %s", (cert,))
+        raise psycopg.Rollback(tx)
     assert [e["operation_type"] for e in await events(pool, cert)] == ["certification.created"]
 
 
@@ -199,7 +198,7 @@ async def test_queueing_closes_the_event_and_writes_the_retry_row_together(pool:
 
 
 async def test_release_puts_the_event_back_without_counting_the_attempt(pool: Pool) -> None:
-    [cert] = await seed_certifications(pool, 1)
+    [_cert] = await seed_certifications(pool, 1)
     outbox = Outbox(pool, "worker-a")
     [event] = (await outbox.claim(NOW, limit=1, lease_seconds=60)).events
     assert await outbox.release(event, available_at=NOW + timedelta(seconds=5), detail="circuit open")
