@@ -1,0 +1,257 @@
+"""HLFDynamicsSyncService: the seed's scenarios, over the real client (respx), breaker and ManualClock."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, date, datetime
+
+import httpx
+import pytest
+import respx
+from structlog.testing import capture_logs
+
+from certsync.dynamics.auth import StaticTokenProvider
+from certsync.dynamics.client import DynamicsClient
+from certsync.dynamics.contract import CertificationState, CertificationUpsert
+from certsync.dynamics.sync_service import DeliveryFailure, HLFDynamicsSyncService, Outcome
+from certsync.resilience.breaker import CircuitState, DynamicsCircuitBreaker, InMemoryBreakerStore
+from certsync.resilience.gate import SendGate
+from certsync.resilience.retry import RetryPolicy
+from certsync.resilience.testing import ManualClock
+
+BASE = "https://portal.test"
+
+
+class ListSink:
+    """The failure sink as a list: what the retry queue would have received."""
+
+    def __init__(self) -> None:
+        self.failures: list[DeliveryFailure] = []
+
+    async def record(self, failure: DeliveryFailure) -> None:
+        self.failures.append(failure)
+
+
+class BrokenSink:
+    async def record(self, failure: DeliveryFailure) -> None:
+        raise RuntimeError("retry queue unreachable")
+
+
+def upsert(status: str = "expired") -> CertificationUpsert:
+    state = CertificationState(
+        id=uuid.uuid4(),
+        peer_mentor_id=uuid.uuid4(),
+        certification_type="peer_mentor",
+        status=status,  # type: ignore[arg-type]
+        valid_from=date(2025, 11, 1),
+        valid_until=date(2026, 11, 1),
+        version=7,
+    )
+    return CertificationUpsert.for_state(
+        uuid.uuid4(), datetime(2026, 11, 29, tzinfo=UTC), state, date(2026, 11, 29)
+    )
+
+
+class Harness:
+    def __init__(
+        self, *, threshold: int = 3, cooldown: float = 30.0, policy: RetryPolicy | None = None
+    ) -> None:
+        self.clock = ManualClock()
+        self.store = InMemoryBreakerStore()
+        self.breaker = DynamicsCircuitBreaker(
+            "dynamics", self.store, self.clock, failure_threshold=threshold, cooldown=cooldown
+        )
+        self.sink = ListSink()
+        self.http = httpx.AsyncClient()
+        self.gate = SendGate(self.clock, self.clock.sleep)
+        self.service = HLFDynamicsSyncService(
+            DynamicsClient(self.http, BASE, StaticTokenProvider("t0k3n"), clock=self.clock),
+            policy or RetryPolicy(),
+            self.breaker,
+            self.sink,
+            clock=self.clock,
+            sleep=self.clock.sleep,
+            gate=self.gate,
+        )
+
+    async def state(self) -> CircuitState:
+        return (await self.breaker.snapshot()).state
+
+
+def put_route(mock: respx.MockRouter, *responses: httpx.Response) -> respx.Route:
+    return mock.put(url__regex=rf"{BASE}/api/v1/certifications/.*").mock(side_effect=list(responses))
+
+
+@respx.mock
+async def test_all_retries_exhausted_creates_a_pending_queue_entry() -> None:
+    h = Harness(threshold=10)
+    route = put_route(respx.mock, *[httpx.Response(503)] * 4)
+    request = upsert()
+    outcome = await h.service.deliver(request, operation_type="certification.status_changed")
+    assert outcome.outcome is Outcome.QUEUED
+    assert route.call_count == 4
+    [failure] = h.sink.failures
+    assert failure.status == "pending"
+    assert failure.attempt_count == 4
+    assert failure.payload == request.to_json_dict()
+    assert failure.event_id == request.event_id
+    assert "503" in failure.failure_reason
+    assert "retries exhausted" in failure.failure_reason
+
+
+@respx.mock
+async def test_retry_delays_are_exactly_2_4_8_seconds_on_the_injected_clock() -> None:
+    h = Harness(threshold=10)
+    put_route(respx.mock, *[httpx.Response(503)] * 4)
+    await h.service.deliver(upsert(), operation_type="certification.status_changed")
+    assert h.clock.sleeps == [2.0, 4.0, 8.0]
+
+
+@respx.mock
+async def test_failure_on_attempt_1_then_success_on_attempt_2_creates_no_queue_entry() -> None:
+    h = Harness()
+    route = put_route(respx.mock, httpx.Response(503), httpx.Response(200, json={}))
+    outcome = await h.service.deliver(upsert(), operation_type="certification.status_changed")
+    assert outcome.outcome is Outcome.DELIVERED
+    assert outcome.attempts == 2
+    assert route.call_count == 2
+    assert h.sink.failures == []
+    assert h.clock.sleeps == [2.0]
+
+
+@respx.mock
+async def test_a_4xx_is_queued_immediately_as_requires_investigation_without_retry() -> None:
+    h = Harness()
+    route = put_route(respx.mock, httpx.Response(400, json={"error": "bad"}))
+    outcome = await h.service.deliver(upsert(), operation_type="certification.status_changed")
+    assert route.call_count == 1
+    assert h.clock.sleeps == []
+    assert outcome.queue_status == "requires_investigation"
+    [failure] = h.sink.failures
+    assert (failure.status, failure.attempt_count) == ("requires_investigation", 1)
+
+
+@respx.mock
+async def test_a_4xx_does_not_count_toward_opening_the_circuit() -> None:
+    h = Harness(threshold=1)
+    put_route(respx.mock, httpx.Response(422))
+    await h.service.deliver(upsert(), operation_type="certification.status_changed")
+    assert await h.state() is CircuitState.CLOSED
+
+
+@respx.mock
+async def test_circuit_closed_open_half_open_closed() -> None:
+    h = Harness(threshold=3, cooldown=30.0)
+    route = put_route(respx.mock, *[httpx.Response(503)] * 3, httpx.Response(200, json={}))
+    first = await h.service.deliver(upsert(), operation_type="certification.status_changed")
+    assert await h.state() is CircuitState.OPEN
+    assert first.queue_status == "pending"
+    assert "circuit opened after 3 attempt(s)" in (first.reason or "")
+    h.clock.advance(30.0)
+    with capture_logs() as logs:
+        second = await h.service.deliver(upsert(), operation_type="certification.status_changed")
+    assert second.outcome is Outcome.DELIVERED
+    assert await h.state() is CircuitState.CLOSED
+    assert route.call_count == 4
+    transitions = [(e["old_state"], e["new_state"]) for e in logs if e["event"] == "circuit_transition"]
+    assert transitions == [("open", "half_open"), ("half_open", "closed")]
+
+
+@respx.mock
+async def test_circuit_closed_open_half_open_open() -> None:
+    h = Harness(threshold=3, cooldown=30.0)
+    route = put_route(respx.mock, *[httpx.Response(503)] * 4)
+    await h.service.deliver(upsert(), operation_type="certification.status_changed")
+    h.clock.advance(30.0)
+    probe = await h.service.deliver(upsert(), operation_type="certification.status_changed")
+    assert route.call_count == 4  # exactly one probe
+    assert probe.attempts == 1
+    assert await h.state() is CircuitState.OPEN
+    snapshot = await h.breaker.snapshot()
+    assert snapshot.opened_at == h.clock.now()  # a fresh cool-down from the failed probe
+
+
+@respx.mock
+async def test_open_circuit_blocks_calls_without_any_http_request() -> None:
+    h = Harness(threshold=1)
+    route = put_route(respx.mock, httpx.Response(503))
+    await h.service.deliver(upsert(), operation_type="certification.status_changed")
+    assert route.call_count == 1
+    route.reset()
+    queued = await h.service.deliver(upsert(), operation_type="certification.status_changed")
+    held = await h.service.deliver(upsert(), operation_type="certification.status_changed", when_open="hold")
+    assert route.call_count == 0
+    assert queued.queue_status == "pending"
+    assert queued.reason == "circuit open: not attempted"
+    assert held.outcome is Outcome.HELD
+    assert len(h.sink.failures) == 2  # the held one is not recorded: it waits in the outbox
+
+
+@respx.mock
+async def test_retry_after_is_honoured_instead_of_the_schedule() -> None:
+    h = Harness(threshold=10)
+    put_route(
+        respx.mock,
+        httpx.Response(429, headers={"Retry-After": "7"}),
+        httpx.Response(503, headers={"Retry-After": "3"}),
+        httpx.Response(200, json={}),
+    )
+    outcome = await h.service.deliver(upsert(), operation_type="certification.status_changed")
+    assert outcome.outcome is Outcome.DELIVERED
+    assert h.clock.sleeps == [7.0, 3.0]
+
+
+@respx.mock
+async def test_retry_after_beyond_the_cap_queues_instead_of_sleeping() -> None:
+    h = Harness(threshold=10, policy=RetryPolicy(max_retry_after=60.0))
+    route = put_route(respx.mock, httpx.Response(503, headers={"Retry-After": "600"}))
+    outcome = await h.service.deliver(upsert(), operation_type="certification.status_changed")
+    assert route.call_count == 1
+    assert h.clock.sleeps == []
+    assert outcome.queue_status == "pending"
+    assert "exceeds the 60s cap" in (outcome.reason or "")
+
+
+@respx.mock
+async def test_a_429_pauses_all_sending_for_its_retry_after() -> None:
+    h = Harness(threshold=10)
+    put_route(respx.mock, httpx.Response(429, headers={"Retry-After": "5"}), httpx.Response(200, json={}))
+    started = h.clock.now()
+    await h.service.deliver(upsert(), operation_type="certification.status_changed")
+    assert h.gate.paused_until is not None
+    assert (h.gate.paused_until - started).total_seconds() == 5.0
+
+
+@respx.mock
+async def test_a_sink_that_fails_is_not_swallowed() -> None:
+    h = Harness(threshold=10)
+    put_route(respx.mock, httpx.Response(400))
+    with pytest.raises(RuntimeError, match="retry queue unreachable"):
+        await h.service.deliver(upsert(), operation_type="x", sink=BrokenSink())
+
+
+@respx.mock
+async def test_every_attempt_and_retry_is_logged_without_personal_data() -> None:
+    h = Harness(threshold=10)
+    put_route(respx.mock, httpx.Response(503), httpx.Response(200, json={}))
+    with capture_logs() as logs:
+        await h.service.deliver(upsert(), operation_type="certification.status_changed")
+    attempts = [e for e in logs if e["event"] == "dynamics_attempt"]
+    assert [(e["attempt"], e["outcome"]) for e in attempts] == [
+        (1, "TransientDynamicsError"),
+        (2, "delivered"),
+    ]
+    [retry] = [e for e in logs if e["event"] == "retry_scheduled"]
+    assert retry["delay"] == 2.0
+    assert all("t0k3n" not in str(e) for e in logs)
+
+
+@respx.mock
+async def test_a_timeout_is_transient_and_retried() -> None:
+    h = Harness(threshold=10)
+    route = respx.mock.put(url__regex=rf"{BASE}/api/v1/certifications/.*").mock(
+        side_effect=[httpx.ReadTimeout("slow"), httpx.Response(204)]
+    )
+    outcome = await h.service.deliver(upsert(), operation_type="certification.status_changed")
+    assert outcome.outcome is Outcome.DELIVERED
+    assert route.call_count == 2
