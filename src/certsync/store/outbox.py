@@ -6,20 +6,26 @@ rescued and claimed again) cannot overwrite the newer claim's result.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
 import psycopg
+import structlog
 
 from certsync.store.db import fetch
-from certsync.store.errors import DatabaseUnavailable
+from certsync.store.errors import DatabaseUnavailable, first_line
 from certsync.store.pool import Pool
 from certsync.store.queries import query
 from certsync.store.retry_queue import NewRetryEntry, insert_entry
 
 NOTIFY_CHANNEL = "certsync_outbox"
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,13 +139,21 @@ class Outbox:
         )
         return bool(rows)
 
-    async def extend_lease(self, event: ClaimedEvent, lease_until: datetime) -> bool:
+    async def extend_leases(self, events: Iterable[ClaimedEvent], lease_until: datetime) -> int:
+        """Heartbeat for every claim still held; returns how many were extended."""
+        held = list(events)
+        if not held:
+            return 0
         rows = await fetch(
             self._pool,
-            "extend_lease",
-            {"id": event.id, "claim_token": event.claim_token, "lease_until": lease_until},
+            "extend_leases",
+            {
+                "ids": [e.id for e in held],
+                "tokens": [e.claim_token for e in held],
+                "lease_until": lease_until,
+            },
         )
-        return bool(rows)
+        return len(rows)
 
     async def depth(self) -> OutboxDepth:
         rows = await fetch(self._pool, "outbox_depth", {})
@@ -150,3 +164,37 @@ class Outbox:
             oldest_open_at=r["oldest_open_at"],
             next_due_at=r["next_due_at"],
         )
+
+
+class OutboxListener:
+    """Wakes the worker on ``pg_notify`` from the capture trigger, on a connection of its own.
+
+    A connection pooler in transaction mode (Supabase's port 6543) does not pass notifications, and a
+    connection can drop: ``wait`` then simply times out, so the worker falls back to polling, and the
+    next call reconnects.
+    """
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def wait(self, seconds: float) -> bool:
+        """True when a notification arrived within ``seconds``, False on timeout or failure."""
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True)
+                await self._conn.execute(f"listen {NOTIFY_CHANNEL}")
+            async for _ in self._conn.notifies(timeout=seconds, stop_after=1):
+                return True
+            return False
+        except psycopg.Error as exc:
+            log.warning("outbox_listener_lost", error=first_line(exc))
+            await self.close()
+            await asyncio.sleep(min(seconds, 1.0))
+            return False
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            with contextlib.suppress(psycopg.Error):
+                await conn.close()

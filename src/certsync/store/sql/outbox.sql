@@ -88,12 +88,6 @@ set status = 'waiting', claim_token = null, claimed_by = null, lease_until = nul
 where id = %(id)s and claim_token = %(claim_token)s and status = 'in_flight'
 returning id;
 
--- name: extend_lease
-update public.certification_sync_events
-set lease_until = %(lease_until)s
-where id = %(id)s and claim_token = %(claim_token)s and status = 'in_flight'
-returning id;
-
 -- name: outbox_depth
 select count(*) filter (where status = 'waiting') as waiting,
        count(*) filter (where status = 'in_flight') as in_flight,
@@ -107,3 +101,11 @@ select id, certification_version, operation_type, status, attempts, superseded_b
 from public.certification_sync_events
 where certification_id = %(certification_id)s
 order by certification_version, occurred_at;
+
+-- name: extend_leases
+-- The worker's heartbeat: every claim it still holds lives on; a lost claim (token changed) does not.
+update public.certification_sync_events e
+set lease_until = %(lease_until)s
+from unnest(%(ids)s::uuid[], %(tokens)s::uuid[]) as held(id, claim_token)
+where e.id = held.id and e.claim_token = held.claim_token and e.status = 'in_flight'
+returning e.id;
