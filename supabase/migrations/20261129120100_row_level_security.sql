@@ -57,8 +57,6 @@ as $$
   select pm.id from public.peer_mentors pm where pm.user_id = (select auth.uid())
 $$;
 
-revoke all on all functions in schema private from public, anon;
-grant execute on all functions in schema private to authenticated;
 
 -- ---------------------------------------------------------------------------------------------------
 -- Emergency switch: `select private.lockdown('public.certifications', 'reason');` denies the table to
@@ -76,7 +74,6 @@ language sql stable security definer set search_path = ''
 as $$
   select exists (select 1 from private.table_lockdowns l where l.table_name = p_table)
 $$;
-grant execute on function private.is_locked(text) to authenticated;
 
 create function private.lockdown(p_table regclass, p_reason text) returns void
 language sql volatile security definer set search_path = ''
@@ -92,13 +89,12 @@ as $$
   delete from private.table_lockdowns l
   using pg_catalog.pg_class c where c.oid = p_table and l.table_name = c.relname
 $$;
-revoke all on function private.lockdown(regclass, text), private.lift_lockdown(regclass)
-  from public, anon, authenticated;
 
 -- ---------------------------------------------------------------------------------------------------
--- Access audit (off by default): when on, every certification read whose mentor also belongs to an
--- organisation where the reader holds no membership is recorded. Cost when off: one initPlan per
--- statement; when on: one function call per row returned (see docs/security.md).
+-- Access audit (off by default; `select private.set_access_audit(true);`): when on, every certification
+-- read whose mentor also belongs to an organisation where the reader holds no membership is recorded,
+-- and listed by `private.cross_organisation_reads(since)`. Cost when off: one initPlan per statement;
+-- when on: one hash probe per row, plus one function call per cross-organisation row (docs/security.md).
 create table private.settings (
   key text primary key,
   value jsonb not null
@@ -121,6 +117,22 @@ as $$
   select coalesce((select s.value = 'true'::jsonb from private.settings s where s.key = 'access_audit_enabled'), false)
 $$;
 
+-- The mentors the current user can see who also hold a membership in an organisation where the
+-- current user holds none: only their certifications are worth a per-row audit call. Computed once per
+-- statement (an initPlan), so a read with no cross-organisation rows costs one hash probe per row.
+create function private.cross_organisation_mentor_ids() returns setof uuid
+language sql stable security definer set search_path = ''
+as $$
+  select distinct pm.id
+  from public.peer_mentors pm
+  join public.chapter_memberships m on m.user_id = pm.user_id
+  join public.chapters c on c.id = m.chapter_id
+  where pm.id in (select private.visible_mentor_ids())
+    and c.organisation_id not in (select private.my_organisation_ids())
+$$;
+
+-- Records one cross-organisation read; called by the certifications SELECT policy only for rows of the
+-- mentors above. Returns true so that it never changes what the reader sees.
 create function private.audit_certification_read(p_certification_id uuid, p_peer_mentor_id uuid)
 returns boolean
 language plpgsql volatile security definer set search_path = ''
@@ -129,34 +141,43 @@ declare
   v_reader uuid := (select auth.uid());
   v_foreign uuid[];
 begin
+  -- Written out rather than calling my_organisation_ids(): a security definer SQL function cannot be
+  -- inlined, and calling it per row made the audit four times slower (docs/security.md).
   select array_agg(distinct c.organisation_id) into v_foreign
   from public.peer_mentors pm
   join public.chapter_memberships m on m.user_id = pm.user_id
   join public.chapters c on c.id = m.chapter_id
   where pm.id = p_peer_mentor_id
-    and c.organisation_id not in (select private.my_organisation_ids());
-  if v_foreign is not null and v_reader is not null then
-    if current_setting('transaction_read_only') = 'on' then
-      -- PostgREST runs GETs read-only; the server log (Supabase: Logs Explorer) carries the record.
-      raise log 'certsync_access_audit reader=% certification=% foreign_organisations=%',
-        v_reader, p_certification_id, v_foreign;
-    else
-      insert into private.access_audit (reader_id, certification_id, peer_mentor_id, foreign_organisation_ids)
-      values (v_reader, p_certification_id, p_peer_mentor_id, v_foreign);
-    end if;
+    and not exists (
+      select 1
+      from public.chapter_memberships mine
+      join public.chapters mine_c on mine_c.id = mine.chapter_id
+      where mine.user_id = v_reader and mine_c.organisation_id = c.organisation_id
+    );
+  if v_foreign is null or v_reader is null then
+    return true;
+  end if;
+  if current_setting('transaction_read_only') = 'on' then
+    -- PostgREST runs GETs read-only, where no table can be written: the record goes to the server log
+    -- (Supabase: Logs Explorer) and to a NOTIFY that a listener may persist. The read is not refused.
+    raise log 'certsync_access_audit reader=% certification=% foreign_organisations=%',
+      v_reader, p_certification_id, v_foreign;
+    perform pg_catalog.pg_notify('certsync_access_audit', pg_catalog.json_build_object(
+      'reader_id', v_reader, 'certification_id', p_certification_id,
+      'peer_mentor_id', p_peer_mentor_id, 'foreign_organisation_ids', v_foreign)::text);
+  else
+    insert into private.access_audit (reader_id, certification_id, peer_mentor_id, foreign_organisation_ids)
+    values (v_reader, p_certification_id, p_peer_mentor_id, v_foreign);
   end if;
   return true;
 end
 $$;
-grant execute on function private.access_audit_enabled(), private.audit_certification_read(uuid, uuid)
-  to authenticated;
 
 create function private.set_access_audit(p_enabled boolean) returns void
 language sql volatile security definer set search_path = ''
 as $$
   update private.settings set value = to_jsonb(p_enabled) where key = 'access_audit_enabled'
 $$;
-revoke all on function private.set_access_audit(boolean) from public, anon, authenticated;
 
 -- The cross-organisation reads recorded since a moment (for operators; not exposed to the API).
 create function private.cross_organisation_reads(p_since timestamptz default now() - interval '7 days')
@@ -167,7 +188,17 @@ as $$
   select a.read_at, a.reader_id, a.certification_id, a.peer_mentor_id, a.foreign_organisation_ids
   from private.access_audit a where a.read_at >= p_since order by a.read_at desc
 $$;
-revoke all on function private.cross_organisation_reads(timestamptz) from public, anon, authenticated;
+
+-- ---------------------------------------------------------------------------------------------------
+-- Function privileges: PostgreSQL lets PUBLIC execute every new function. Policies run their helpers
+-- with the caller's privileges, so authenticated may execute exactly the helpers the policies call;
+-- the switches (lockdown, audit) and the audit listing are for the database owner and service_role.
+revoke all on all functions in schema private from public, anon, authenticated;
+grant execute on function private.my_chapter_ids(), private.coordinated_chapter_ids(),
+  private.my_organisation_ids(), private.coordinated_mentor_ids(), private.visible_mentor_ids(),
+  private.is_locked(text), private.access_audit_enabled(), private.cross_organisation_mentor_ids(),
+  private.audit_certification_read(uuid, uuid)
+  to authenticated;
 
 -- ---------------------------------------------------------------------------------------------------
 -- Privileges: anon gets nothing; authenticated reads the directory tables and reads/writes
@@ -202,7 +233,11 @@ create policy peer_mentors_select on public.peer_mentors for select to authentic
 create policy certifications_select on public.certifications for select to authenticated
   using (
     peer_mentor_id in (select private.visible_mentor_ids())
-    and (not (select private.access_audit_enabled()) or private.audit_certification_read(id, peer_mentor_id))
+    and (
+      not (select private.access_audit_enabled())
+      or peer_mentor_id not in (select private.cross_organisation_mentor_ids())
+      or private.audit_certification_read(id, peer_mentor_id)
+    )
   );
 
 create policy certifications_insert on public.certifications for insert to authenticated

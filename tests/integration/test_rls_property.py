@@ -1,0 +1,153 @@
+"""Row-level security as a property: for random hierarchies, what each user sees and changes is exactly
+what the rule defines, computed here in Python from the generated hierarchy.
+
+The rule: a user sees the certifications of their own ``peer_mentors`` row, and sees and changes those
+of every peer mentor holding a ``peer_mentor`` membership in a chapter where the user holds a
+``coordinator`` membership; chapters and organisations are visible through the user's own memberships.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.support.rls import (
+    Hierarchy,
+    MembershipRole,
+    api_fixture,  # noqa: F401 (fixture)
+    as_user,
+    hierarchy_fixture,  # noqa: F401 (fixture)
+    ids,
+    superuser_fixture,  # noqa: F401 (fixture)
+    touch_certifications,
+    visible_certification_ids,
+)
+
+pytestmark = pytest.mark.integration
+
+Conn = psycopg.Connection[Any]
+
+# One database per test function serves every example: each example empties it first.
+DB_SETTINGS = settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+ROLES: tuple[MembershipRole, ...] = ("coordinator", "peer_mentor")
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """A hierarchy by index: chapter i belongs to organisation ``chapter_orgs[i]``; users are 0..n-1."""
+
+    chapter_orgs: tuple[int, ...]
+    users: int
+    memberships: frozenset[tuple[int, int, MembershipRole]]  # (user, chapter, role)
+    mentors: frozenset[int]  # users with a peer_mentors row
+    certifications: tuple[int, ...]  # one entry per certification: the mentor's user index
+
+    def coordinated_chapters(self, user: int) -> set[int]:
+        return {ch for (u, ch, role) in self.memberships if u == user and role == "coordinator"}
+
+    def coordinated_certifications(self, user: int) -> set[int]:
+        chapters = self.coordinated_chapters(user)
+        mentors = {u for (u, ch, role) in self.memberships if role == "peer_mentor" and ch in chapters}
+        return {i for i, owner in enumerate(self.certifications) if owner in mentors}
+
+    def visible_certifications(self, user: int) -> set[int]:
+        own = {i for i, owner in enumerate(self.certifications) if owner == user}
+        return own | self.coordinated_certifications(user)
+
+    def visible_chapters(self, user: int) -> set[int]:
+        return {ch for (u, ch, _) in self.memberships if u == user}
+
+    def visible_organisations(self, user: int) -> set[int]:
+        return {self.chapter_orgs[ch] for ch in self.visible_chapters(user)}
+
+
+@st.composite
+def shapes(draw: st.DrawFn) -> Shape:
+    organisations = draw(st.integers(1, 3))
+    chapter_orgs = tuple(draw(st.lists(st.integers(0, organisations - 1), min_size=1, max_size=5)))
+    users = draw(st.integers(1, 6))
+    memberships = draw(
+        st.frozensets(
+            st.tuples(
+                st.integers(0, users - 1), st.integers(0, len(chapter_orgs) - 1), st.sampled_from(ROLES)
+            ),
+            max_size=12,
+        )
+    )
+    # Most users are mentors; some are not (a coordinator only), and some mentors have no membership.
+    mentors = draw(st.frozensets(st.integers(0, users - 1)))
+    certifications = tuple(draw(st.lists(st.sampled_from(sorted(mentors)), max_size=10))) if mentors else ()
+    return Shape(chapter_orgs, users, memberships, mentors, certifications)
+
+
+@dataclass(frozen=True, slots=True)
+class Built:
+    """The ids the database gave to a shape's rows, by the shape's indexes."""
+
+    organisations: tuple[UUID, ...]
+    chapters: tuple[UUID, ...]
+    users: tuple[UUID, ...]
+    certifications: tuple[UUID, ...]
+
+    def certification_ids(self, indexes: set[int]) -> set[UUID]:
+        return {self.certifications[i] for i in indexes}
+
+
+def build(h: Hierarchy, shape: Shape) -> Built:
+    h.empty()
+    organisations = tuple(h.organisation() for _ in range(max(shape.chapter_orgs) + 1))
+    chapters = tuple(h.chapter(organisations[o]) for o in shape.chapter_orgs)
+    users = tuple(h.user() for _ in range(shape.users))
+    for user, chapter, role in sorted(shape.memberships):
+        h.membership(users[user], chapters[chapter], role)
+    mentor_ids = {u: h.peer_mentor(users[u]) for u in sorted(shape.mentors)}
+    certifications = tuple(h.certification(mentor_ids[u]) for u in shape.certifications)
+    return Built(organisations, chapters, users, certifications)
+
+
+@DB_SETTINGS
+@given(shape=shapes())
+def test_every_user_sees_exactly_the_certifications_the_rule_defines(
+    hierarchy: Hierarchy, api: Conn, shape: Shape
+) -> None:
+    built = build(hierarchy, shape)
+    for user, user_id in enumerate(built.users):
+        with as_user(api, user_id, read_only=True) as c:
+            seen = visible_certification_ids(c)
+        assert seen == built.certification_ids(shape.visible_certifications(user)), f"user {user}"
+
+
+@DB_SETTINGS
+@given(shape=shapes())
+def test_every_user_updates_exactly_the_certifications_they_coordinate(
+    hierarchy: Hierarchy, api: Conn, shape: Shape
+) -> None:
+    built = build(hierarchy, shape)
+    for user, user_id in enumerate(built.users):
+        with as_user(api, user_id) as c:
+            updated = touch_certifications(c)
+        assert updated == built.certification_ids(shape.coordinated_certifications(user)), f"user {user}"
+
+
+@DB_SETTINGS
+@given(shape=shapes())
+def test_every_user_sees_exactly_the_chapters_and_organisations_of_their_own_memberships(
+    hierarchy: Hierarchy, api: Conn, shape: Shape
+) -> None:
+    built = build(hierarchy, shape)
+    for user, user_id in enumerate(built.users):
+        with as_user(api, user_id, read_only=True) as c:
+            chapters = ids(c, "select id from public.chapters")
+            organisations = ids(c, "select id from public.organisations")
+        assert chapters == {built.chapters[ch] for ch in shape.visible_chapters(user)}, f"user {user}"
+        assert organisations == {built.organisations[o] for o in shape.visible_organisations(user)}, (
+            f"user {user}"
+        )
