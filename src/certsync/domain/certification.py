@@ -1,0 +1,289 @@
+"""Certification states, the one table of allowed transitions, and renewal history entries.
+
+Pure: no I/O, no clock. Callers pass ``today`` (a date) or ``renewed_at`` (an aware datetime in the
+zone that decides "today") read from an injected clock, and persist what the domain decides.
+
+::
+
+    issue ─▶ active ──suspend──▶ suspended ──reinstate (validity not passed)──▶ active
+               │  ▲                  │
+       expire  │  │ renew            │ renew (stays suspended: only reinstate lifts a suspension)
+   (validity   ▼  │                  ▼
+     passed)  expired            suspended
+    revoke: active | suspended | expired ──▶ revoked   (final: nothing leaves it)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Final
+from uuid import UUID
+
+RENEWAL_ENTRY_SCHEMA_VERSION: Final = 1
+"""The ``schema_version`` written into every new renewal entry (see docs/renewal-history.md)."""
+
+
+class DomainError(Exception):
+    """Base of every rule the domain refuses; callers show the message as is (it names no person)."""
+
+
+class CertificationStatus(StrEnum):
+    ACTIVE = "active"
+    SUSPENDED = "suspended"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+
+
+class Operation(StrEnum):
+    """What a coordinator, the sweep or an administrator can do to a certification."""
+
+    ISSUE = "issue"
+    RENEW = "renew"
+    SUSPEND = "suspend"
+    REINSTATE = "reinstate"
+    REVOKE = "revoke"
+    EXPIRE = "expire"
+
+
+class InvalidTransition(DomainError):
+    """An operation the transition table does not allow from the current status, or whose guard fails."""
+
+    def __init__(
+        self,
+        operation: Operation,
+        from_status: CertificationStatus | None,
+        to_status: CertificationStatus,
+        reason: str,
+    ) -> None:
+        self.operation = operation
+        self.from_status = from_status
+        self.to_status = to_status
+        self.reason = reason
+        origin = from_status.value if from_status is not None else "(new)"
+        super().__init__(f"cannot {operation.value}: {origin} → {to_status.value} is not allowed: {reason}")
+
+
+class InvalidRenewalEntry(DomainError):
+    """A stored renewal entry that this code cannot read (missing or unknown schema_version, bad field)."""
+
+
+# A guard sees the validity end and today's date, and says why the transition must not happen (or None).
+Guard = Callable[[date, date], str | None]
+
+
+def _validity_not_passed(valid_until: date, today: date) -> str | None:
+    if valid_until < today:
+        return f"validity ended on {valid_until.isoformat()}; renew it instead"
+    return None
+
+
+def _validity_passed(valid_until: date, today: date) -> str | None:
+    if valid_until >= today:
+        return f"still valid until {valid_until.isoformat()}"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    to: CertificationStatus
+    guard: Guard | None = None
+
+
+_S = CertificationStatus
+_O = Operation
+
+# The only place that says which status an operation may start from and where it leads.
+# Renewing a suspended certification extends its validity but keeps it suspended: a suspension is
+# lifted only by an explicit reinstate, and without this a suspension that outlived its validity
+# could never be lifted (reinstate refuses a lapsed certification).
+TRANSITIONS: Final[Mapping[tuple[Operation, CertificationStatus | None], _Rule]] = MappingProxyType(
+    {
+        (_O.ISSUE, None): _Rule(_S.ACTIVE, _validity_not_passed),
+        (_O.RENEW, _S.ACTIVE): _Rule(_S.ACTIVE),
+        (_O.RENEW, _S.EXPIRED): _Rule(_S.ACTIVE),
+        (_O.RENEW, _S.SUSPENDED): _Rule(_S.SUSPENDED),
+        (_O.SUSPEND, _S.ACTIVE): _Rule(_S.SUSPENDED),
+        (_O.REINSTATE, _S.SUSPENDED): _Rule(_S.ACTIVE, _validity_not_passed),
+        (_O.REVOKE, _S.ACTIVE): _Rule(_S.REVOKED),
+        (_O.REVOKE, _S.SUSPENDED): _Rule(_S.REVOKED),
+        (_O.REVOKE, _S.EXPIRED): _Rule(_S.REVOKED),
+        (_O.EXPIRE, _S.ACTIVE): _Rule(_S.EXPIRED, _validity_passed),
+    }
+)
+
+# Where each operation leads when it is allowed; used to name the target of a refused operation.
+_NOMINAL_TARGET: Final = MappingProxyType(
+    {
+        _O.ISSUE: _S.ACTIVE,
+        _O.RENEW: _S.ACTIVE,
+        _O.SUSPEND: _S.SUSPENDED,
+        _O.REINSTATE: _S.ACTIVE,
+        _O.REVOKE: _S.REVOKED,
+        _O.EXPIRE: _S.EXPIRED,
+    }
+)
+
+
+def transition(
+    operation: Operation, current: CertificationStatus | None, *, valid_until: date, today: date
+) -> CertificationStatus:
+    """The status ``operation`` leads to from ``current`` (None: not yet issued), or InvalidTransition."""
+    rule = TRANSITIONS.get((operation, current))
+    if rule is None:
+        raise InvalidTransition(operation, current, _NOMINAL_TARGET[operation], _why_not(operation, current))
+    reason = rule.guard(valid_until, today) if rule.guard is not None else None
+    if reason is not None:
+        raise InvalidTransition(operation, current, rule.to, reason)
+    return rule.to
+
+
+def _why_not(operation: Operation, current: CertificationStatus | None) -> str:
+    if current is _S.REVOKED:
+        return "revoked is final"
+    if current is not None and operation is _O.ISSUE:
+        return "the certification is already issued"
+    starts = sorted(s.value for (op, s) in TRANSITIONS if op is operation and s is not None)
+    return f"{operation.value} applies only to {' or '.join(starts)} certifications"
+
+
+def issue_status(*, valid_from: date, valid_until: date, today: date) -> CertificationStatus:
+    """The status of a new certification; refuses an empty or already lapsed validity period."""
+    if valid_until < valid_from:
+        raise InvalidTransition(
+            _O.ISSUE, None, _S.ACTIVE, f"valid_until {valid_until} is before valid_from {valid_from}"
+        )
+    return transition(_O.ISSUE, None, valid_until=valid_until, today=today)
+
+
+@dataclass(frozen=True, slots=True)
+class RenewalEntry:
+    """One renewal, as stored in ``certifications.renewal_history`` (schema version 1).
+
+    ``renewed_by`` is the acting user's id: names never enter the history, so it can be logged,
+    exported and sent without carrying personal data.
+    """
+
+    renewed_at: datetime
+    previous_valid_until: date
+    new_valid_until: date
+    renewed_by: UUID
+    note: str | None = None
+    schema_version: int = RENEWAL_ENTRY_SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.renewed_at.tzinfo is None:
+            raise InvalidRenewalEntry("renewal entry renewed_at must be timezone-aware")
+
+    def to_json(self) -> dict[str, object]:
+        """A JSON-ready dict (ISO dates, UTC timestamp, uuid as text)."""
+        return {
+            "schema_version": self.schema_version,
+            "renewed_at": self.renewed_at.astimezone(UTC).isoformat(),
+            "previous_valid_until": self.previous_valid_until.isoformat(),
+            "new_valid_until": self.new_valid_until.isoformat(),
+            "renewed_by": str(self.renewed_by),
+            "note": self.note,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, object]) -> RenewalEntry:
+        """Read one stored entry; InvalidRenewalEntry names what is missing or malformed."""
+        if not isinstance(data, Mapping):
+            raise InvalidRenewalEntry(f"renewal entry must be a JSON object, got {type(data).__name__}")
+        if "schema_version" not in data:
+            raise InvalidRenewalEntry("renewal entry has no schema_version")
+        version = data["schema_version"]
+        if version != RENEWAL_ENTRY_SCHEMA_VERSION or isinstance(version, bool):
+            raise InvalidRenewalEntry(
+                f"renewal entry schema_version {version!r} is not supported "
+                f"(this code reads {RENEWAL_ENTRY_SCHEMA_VERSION})"
+            )
+        note = data.get("note")
+        if note is not None and not isinstance(note, str):
+            raise InvalidRenewalEntry("renewal entry note must be text or null")
+        try:
+            return cls(
+                renewed_at=datetime.fromisoformat(_text(data, "renewed_at")),
+                previous_valid_until=date.fromisoformat(_text(data, "previous_valid_until")),
+                new_valid_until=date.fromisoformat(_text(data, "new_valid_until")),
+                renewed_by=UUID(_text(data, "renewed_by")),
+                note=note,
+            )
+        except ValueError as exc:
+            raise InvalidRenewalEntry(f"renewal entry is malformed: {exc}") from exc
+
+
+def _text(data: Mapping[str, object], key: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str):
+        raise InvalidRenewalEntry(f"renewal entry field {key!r} is missing or not text")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    """What a renewal decides: the status and validity end to store, and the entry to append."""
+
+    status: CertificationStatus
+    valid_until: date
+    entry: RenewalEntry
+
+
+@dataclass(frozen=True, slots=True)
+class Certification:
+    """A certification as stored; ``version`` is the database's counter (the domain never sets it)."""
+
+    id: UUID
+    peer_mentor_id: UUID
+    certification_type: str
+    status: CertificationStatus
+    valid_from: date
+    valid_until: date
+    renewal_history: tuple[RenewalEntry, ...]
+    version: int
+
+    def status_after(self, operation: Operation, *, today: date) -> CertificationStatus:
+        """The status after suspend, reinstate, revoke or expire; InvalidTransition says why not."""
+        if operation in (_O.ISSUE, _O.RENEW):
+            raise ValueError(f"use issue_status() or renewal() for {operation.value}")
+        return transition(operation, self.status, valid_until=self.valid_until, today=today)
+
+    def renewal(
+        self, *, new_valid_until: date, renewed_by: UUID, renewed_at: datetime, note: str | None = None
+    ) -> Renewal:
+        """Decide a renewal through ``new_valid_until`` made at ``renewed_at``.
+
+        ``renewed_at`` is timezone-aware, expressed in the zone that decides "today" (its calendar
+        date there is today); the entry stores it in UTC.
+
+        A renewal never shortens validity: asking for the current end again is accepted and recorded
+        (two coordinators renewing the same mentor at once both land); asking for an earlier one is
+        refused, as is an end that has already passed.
+        """
+        if renewed_at.tzinfo is None:
+            raise ValueError("renewed_at must be timezone-aware")
+        today = renewed_at.date()
+        status = transition(_O.RENEW, self.status, valid_until=self.valid_until, today=today)
+        if new_valid_until < self.valid_until:
+            raise InvalidTransition(
+                _O.RENEW,
+                self.status,
+                status,
+                f"new valid_until {new_valid_until} would shorten validity ending {self.valid_until}",
+            )
+        if new_valid_until < today:
+            raise InvalidTransition(
+                _O.RENEW, self.status, status, f"new valid_until {new_valid_until} has already passed"
+            )
+        entry = RenewalEntry(
+            renewed_at=renewed_at,
+            previous_valid_until=self.valid_until,
+            new_valid_until=new_valid_until,
+            renewed_by=renewed_by,
+            note=note,
+        )
+        return Renewal(status=status, valid_until=new_valid_until, entry=entry)
