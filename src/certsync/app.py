@@ -1,19 +1,41 @@
 """The composition root: the one place that wires settings, adapters and services together.
 
-Nothing here runs at import; callers enter ``open_pool_for(settings)`` (and, as they arrive, the
-service builders) from the CLI, the worker or the console.
+Nothing here runs at import. The CLI, the worker, the console and the demo enter ``open_runtime``
+and get every collaborator built from one ``Settings``; tests build the same objects with their
+own clock, sleep and HTTP transport.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+
+from certsync.dynamics.auth import ClientCredentialsTokenProvider, StaticTokenProvider, TokenProvider
+from certsync.dynamics.client import DynamicsClient
+from certsync.dynamics.signing import RequestSigner
+from certsync.dynamics.sync_service import DeliveryFailure, HLFDynamicsSyncService
+from certsync.resilience.breaker import DYNAMICS_BREAKER, DynamicsCircuitBreaker
+from certsync.resilience.clock import Clock, Sleep, SystemClock, real_sleep
+from certsync.resilience.gate import SendGate
+from certsync.resilience.retry import RetryPolicy
 from certsync.settings import Settings
+from certsync.store.breaker_state import PostgresBreakerStore
 from certsync.store.embedded import embedded_database_url
+from certsync.store.outbox import Outbox, OutboxListener
 from certsync.store.pool import Pool, open_pool
+from certsync.store.retry_queue import NewRetryEntry, RetryQueue
+from certsync.worker import SyncWorker, WorkerOptions
+
+
+class ConfigurationError(Exception):
+    """Settings that cannot work together; the message names the variable (exit code 2)."""
 
 
 async def resolve_database_url(settings: Settings) -> str:
@@ -30,4 +52,168 @@ async def open_pool_for(settings: Settings, *, max_size: int = 10) -> AsyncItera
     try:
         yield pool
     finally:
+        await pool.close()
+
+
+def retry_policy_from(settings: Settings) -> RetryPolicy:
+    return RetryPolicy(
+        max_retries=settings.retry_max_retries,
+        base_delay=settings.retry_base_delay,
+        max_retry_after=settings.retry_max_retry_after,
+    )
+
+
+def breaker_for(pool: Pool, settings: Settings, clock: Clock) -> DynamicsCircuitBreaker:
+    """The one breaker every worker shares, its state in PostgreSQL."""
+    return DynamicsCircuitBreaker(
+        DYNAMICS_BREAKER,
+        PostgresBreakerStore(pool),
+        clock,
+        failure_threshold=settings.breaker_failure_threshold,
+        cooldown=settings.breaker_cooldown,
+        # The probe's holder may take one full request and a token fetch before another may probe.
+        probe_lease=2 * settings.http_timeout + 5.0,
+    )
+
+
+def token_provider_from(settings: Settings, http: httpx.AsyncClient, clock: Clock) -> TokenProvider:
+    if settings.dynamics_token_url:
+        if not settings.dynamics_client_id or settings.dynamics_client_secret is None:
+            raise ConfigurationError(
+                "CERTSYNC_DYNAMICS_CLIENT_ID and CERTSYNC_DYNAMICS_CLIENT_SECRET must be set with"
+                " CERTSYNC_DYNAMICS_TOKEN_URL"
+            )
+        return ClientCredentialsTokenProvider(
+            http,
+            settings.dynamics_token_url,
+            client_id=settings.dynamics_client_id,
+            client_secret=settings.dynamics_client_secret.get_secret_value(),
+            scope=settings.dynamics_scope or "",
+            clock=clock,
+            timeout=settings.http_timeout,
+        )
+    if settings.dynamics_token is not None:
+        return StaticTokenProvider(settings.dynamics_token.get_secret_value())
+    raise ConfigurationError(
+        "CERTSYNC_DYNAMICS_TOKEN or CERTSYNC_DYNAMICS_TOKEN_URL (with client id and secret) must be set"
+    )
+
+
+def dynamics_client_from(settings: Settings, http: httpx.AsyncClient, clock: Clock) -> DynamicsClient:
+    if not settings.dynamics_base_url:
+        raise ConfigurationError("CERTSYNC_DYNAMICS_BASE_URL is not set")
+    signer = None
+    if settings.dynamics_signing_secret is not None:
+        try:
+            signer = RequestSigner(settings.dynamics_signing_secret.get_secret_value())
+        except ValueError as exc:
+            raise ConfigurationError(f"CERTSYNC_DYNAMICS_SIGNING_SECRET: {exc}") from None
+    return DynamicsClient(
+        http,
+        settings.dynamics_base_url,
+        token_provider_from(settings, http, clock),
+        signer=signer,
+        clock=clock,
+        timeout=settings.http_timeout,
+    )
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(slots=True)
+class Runtime:
+    """Everything a command needs, built once from settings."""
+
+    settings: Settings
+    pool: Pool
+    database_url: str
+    clock: Clock
+    sleep: Sleep
+    http: httpx.AsyncClient
+    breaker: DynamicsCircuitBreaker
+    queue: RetryQueue
+    gate: SendGate
+
+    def client(self) -> DynamicsClient:
+        return dynamics_client_from(self.settings, self.http, self.clock)
+
+    def sync_service(self) -> HLFDynamicsSyncService:
+        return HLFDynamicsSyncService(
+            self.client(),
+            retry_policy_from(self.settings),
+            self.breaker,
+            RetryQueueSink(self.queue, self.clock),
+            clock=self.clock,
+            sleep=self.sleep,
+            gate=self.gate,
+        )
+
+    def worker(self, options: WorkerOptions | None = None, *, listen: bool = True) -> SyncWorker:
+        return SyncWorker(
+            pool=self.pool,
+            outbox=Outbox(self.pool, worker_id()),
+            # With the flag off no client is built (none need be configured) and nothing is sent.
+            service=self.sync_service() if self.settings.sync_enabled else None,
+            clock=self.clock,
+            sleep=self.sleep,
+            zone=self.settings.zone,
+            listener=OutboxListener(self.database_url) if listen else None,
+            options=options,
+        )
+
+
+class RetryQueueSink:
+    """The plain failure sink: a new retry-queue row (used outside the worker, e.g. ad-hoc delivery)."""
+
+    def __init__(self, queue: RetryQueue, clock: Clock) -> None:
+        self._queue = queue
+        self._clock = clock
+
+    async def record(self, failure: DeliveryFailure) -> None:
+        await self._queue.add(
+            NewRetryEntry(
+                operation_type=failure.operation_type,
+                certification_id=failure.certification_id,
+                event_id=None,
+                payload_json=dict(failure.payload),
+                failure_reason=failure.failure_reason,
+                attempt_count=failure.attempt_count,
+                status=failure.status,
+            ),
+            self._clock.now(),
+        )
+
+
+@asynccontextmanager
+async def open_runtime(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    sleep: Sleep | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+    max_pool_size: int | None = None,
+) -> AsyncIterator[Runtime]:
+    """Open the pool and the HTTP client; close both on exit."""
+    clock = clock or SystemClock()
+    sleep = sleep or real_sleep
+    database_url = await resolve_database_url(settings)
+    pool = await open_pool(database_url, max_size=max_pool_size or 10)
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    http = httpx.AsyncClient(transport=transport, timeout=settings.http_timeout, limits=limits)
+    try:
+        yield Runtime(
+            settings=settings,
+            pool=pool,
+            database_url=database_url,
+            clock=clock,
+            sleep=sleep,
+            http=http,
+            breaker=breaker_for(pool, settings, clock),
+            queue=RetryQueue(pool),
+            gate=SendGate(clock, sleep),
+        )
+    finally:
+        await http.aclose()
         await pool.close()

@@ -7,7 +7,6 @@ rescued and claimed again) cannot overwrite the newer claim's result.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -170,31 +169,25 @@ class OutboxListener:
     """Wakes the worker on ``pg_notify`` from the capture trigger, on a connection of its own.
 
     A connection pooler in transaction mode (Supabase's port 6543) does not pass notifications, and a
-    connection can drop: ``wait`` then simply times out, so the worker falls back to polling, and the
-    next call reconnects.
+    connection can drop: the worker polls anyway, so a missing notification only costs latency; a
+    lost connection is reported and reopened with back-off.
     """
 
     def __init__(self, dsn: str) -> None:
         self._dsn = dsn
-        self._conn: psycopg.AsyncConnection[Any] | None = None
 
-    async def wait(self, seconds: float) -> bool:
-        """True when a notification arrived within ``seconds``, False on timeout or failure."""
-        try:
-            if self._conn is None or self._conn.closed:
-                self._conn = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True)
-                await self._conn.execute(f"listen {NOTIFY_CHANNEL}")
-            async for _ in self._conn.notifies(timeout=seconds, stop_after=1):
-                return True
-            return False
-        except psycopg.Error as exc:
-            log.warning("outbox_listener_lost", error=first_line(exc))
-            await self.close()
-            await asyncio.sleep(min(seconds, 1.0))
-            return False
-
-    async def close(self) -> None:
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            with contextlib.suppress(psycopg.Error):
-                await conn.close()
+    async def run(self, wake: asyncio.Event, stop: asyncio.Event) -> None:
+        """Set ``wake`` on every notification until ``stop`` is set (or the task is cancelled)."""
+        backoff = 0.5
+        while not stop.is_set():
+            try:
+                async with await psycopg.AsyncConnection.connect(self._dsn, autocommit=True) as conn:
+                    await conn.execute(f"listen {NOTIFY_CHANNEL}")
+                    backoff = 0.5
+                    while not stop.is_set():
+                        async for _ in conn.notifies(timeout=1.0):
+                            wake.set()
+            except psycopg.Error as exc:
+                log.warning("outbox_listener_lost", error=first_line(exc), retry_in=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)

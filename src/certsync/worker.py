@@ -1,0 +1,328 @@
+"""The delivery loop: claim → sync → record, until told to stop.
+
+Claims the newest waiting event per certification (``Outbox.claim``: SKIP LOCKED, never two in
+flight for one certification), delivers each through ``HLFDynamicsSyncService`` as its own task (so
+one event's 2 + 4 + 8 s of back-off never stalls the others), and closes it fenced by its claim. It
+wakes on LISTEN/NOTIFY and polls as a fallback, keeps its claims alive with a heartbeat, stops
+claiming while the shared circuit is open, and expires certifications the moment they pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Protocol
+from zoneinfo import ZoneInfo
+
+import structlog
+from pydantic import ValidationError
+
+from certsync.dynamics.contract import CertificationState, CertificationUpsert
+from certsync.dynamics.sync_service import DeliveryFailure, HLFDynamicsSyncService, Outcome
+from certsync.resilience.breaker import CircuitState
+from certsync.resilience.clock import Clock, Sleep
+from certsync.store.errors import DatabaseUnavailable
+from certsync.store.outbox import ClaimedEvent, Outbox
+from certsync.store.pool import Pool
+from certsync.store.retry_queue import NewRetryEntry
+from certsync.store.sweep import expire_due, next_expiry
+
+log = structlog.get_logger(__name__)
+
+
+class Listener(Protocol):
+    """Sets ``wake`` whenever there may be new work (``OutboxListener``: LISTEN/NOTIFY)."""
+
+    async def run(self, wake: asyncio.Event, stop: asyncio.Event) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerOptions:
+    # Dataverse allows 52 concurrent requests per user; stay well inside it by default.
+    concurrency: int = 16
+    lease_seconds: float = 60.0
+    heartbeat_seconds: float = 15.0
+    poll_seconds: float = 5.0
+    sweep_check_seconds: float = 5.0
+    shutdown_grace_seconds: float = 30.0
+    sweep: bool = True
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    """What one run did; the demo's summary and the worker's exit message read it."""
+
+    delivered: int = 0
+    queued_pending: int = 0
+    queued_investigation: int = 0
+    held: int = 0
+    superseded: int = 0
+    stale_results: int = 0
+    rescued: int = 0
+    expired_by_sweep: int = 0
+    crashed: int = 0
+    database_outages: int = 0
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+class OutboxFailureSink:
+    """Records a failed delivery by closing its outbox event and writing the retry row together."""
+
+    def __init__(self, outbox: Outbox, event: ClaimedEvent, clock: Clock) -> None:
+        self._outbox = outbox
+        self._event = event
+        self._clock = clock
+        self.lost_claim = False
+
+    async def record(self, failure: DeliveryFailure) -> None:
+        entry = NewRetryEntry(
+            operation_type=failure.operation_type,
+            certification_id=failure.certification_id,
+            event_id=self._event.id,
+            payload_json=dict(failure.payload),
+            failure_reason=failure.failure_reason,
+            attempt_count=failure.attempt_count,
+            status=failure.status,
+        )
+        if await self._outbox.mark_queued(self._event, self._clock.now(), entry) is None:
+            # Our claim was rescued by another worker while we were retrying: theirs decides.
+            self.lost_claim = True
+
+
+def today_in(zone: ZoneInfo, clock: Clock) -> date:
+    return clock.now().astimezone(zone).date()
+
+
+class SyncWorker:
+    """One worker process's delivery loop. Any number of them may run against one database.
+
+    ``service=None`` is the feature flag off: nothing is sent and every change waits in the outbox.
+    """
+
+    def __init__(
+        self,
+        *,
+        pool: Pool,
+        outbox: Outbox,
+        service: HLFDynamicsSyncService | None,
+        clock: Clock,
+        sleep: Sleep,
+        zone: ZoneInfo,
+        listener: Listener | None = None,
+        options: WorkerOptions | None = None,
+        on_progress: Callable[[WorkerStats], None] | None = None,
+    ) -> None:
+        self._pool = pool
+        self._outbox = outbox
+        self._service = service
+        self._clock = clock
+        self._sleep = sleep
+        self._zone = zone
+        self._listener = listener
+        self._wake = asyncio.Event()
+        self._options = options or WorkerOptions()
+        self._on_progress = on_progress
+        self._tasks: dict[asyncio.Task[None], ClaimedEvent] = {}
+        self._next_sweep_check: datetime | None = None
+        self.stats = WorkerStats()
+
+    async def run(self, stop: asyncio.Event | None = None, *, once: bool = False) -> WorkerStats:
+        """Deliver until ``stop`` is set; with ``once``, until nothing more is due now, then return."""
+        stop = stop or asyncio.Event()
+        if self._service is None:
+            log.warning("dynamics_sync_disabled", hint="CERTSYNC_DYNAMICS_SYNC_ENABLED=false: changes wait")
+            if not once:
+                await stop.wait()
+            return self.stats
+        background = [asyncio.create_task(self._heartbeat(stop), name="lease-heartbeat")]
+        if self._listener is not None:
+            background.append(
+                asyncio.create_task(self._listener.run(self._wake, stop), name="outbox-listener")
+            )
+        outage_backoff = 0.5
+        try:
+            while not stop.is_set():
+                try:
+                    claimed = await self._tick()
+                    outage_backoff = 0.5
+                except DatabaseUnavailable as exc:
+                    self.stats.database_outages += 1
+                    log.error("database_unavailable", error=str(exc), retry_in=outage_backoff)
+                    await self._wait_for_work(stop, outage_backoff)
+                    outage_backoff = min(outage_backoff * 2, 30.0)
+                    continue
+                if self._on_progress is not None:
+                    self._on_progress(self.stats)
+                if once and claimed == 0 and not self._tasks:
+                    break
+                if claimed == 0 or len(self._tasks) >= self._options.concurrency:
+                    await self._wait_for_work(stop, await self._idle_seconds())
+        finally:
+            await self._drain(stop)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+        return self.stats
+
+    @property
+    def _sync(self) -> HLFDynamicsSyncService:
+        assert self._service is not None, "run() returns early when sync is disabled"
+        return self._service
+
+    async def _tick(self) -> int:
+        now = self._clock.now()
+        if self._options.sweep:
+            await self._sweep_if_due(now)
+        self.stats.rescued += await self._outbox.rescue_expired(now)
+        limit = await self._claim_limit(self._options.concurrency - len(self._tasks))
+        if limit <= 0:
+            return 0
+        claim = await self._outbox.claim(now, limit=limit, lease_seconds=self._options.lease_seconds)
+        self.stats.superseded += claim.superseded
+        for event in claim.events:
+            task = asyncio.create_task(self._deliver(event), name=f"deliver-{event.id}")
+            self._tasks[task] = event
+            task.add_done_callback(self._tasks.pop)
+        return len(claim.events)
+
+    async def _claim_limit(self, capacity: int) -> int:
+        """Closed: fill capacity. Open: nothing until the cool-down ends. Then one probe at a time."""
+        snapshot = await self._sync.breaker.snapshot()
+        if snapshot.state is CircuitState.CLOSED:
+            return capacity
+        probe_at = snapshot.next_probe_at(self._sync.breaker.cooldown)
+        if probe_at is not None and probe_at > self._clock.now():
+            return 0
+        return min(capacity, 1) if not self._tasks else 0
+
+    async def _idle_seconds(self) -> float:
+        seconds = self._options.poll_seconds
+        snapshot = await self._sync.breaker.snapshot()
+        probe_at = snapshot.next_probe_at(self._sync.breaker.cooldown)
+        if probe_at is not None:
+            seconds = min(seconds, max(0.0, (probe_at - self._clock.now()).total_seconds()))
+        return max(seconds, 0.01)
+
+    async def _wait_for_work(self, stop: asyncio.Event, seconds: float) -> None:
+        """Until a notification, a delivery finishing, ``stop``, or ``seconds`` pass."""
+        if self._wake.is_set():
+            self._wake.clear()
+            return
+        signals = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
+        await asyncio.wait([*signals, *self._tasks], timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        for signal in signals:
+            signal.cancel()
+        self._wake.clear()
+
+    async def _deliver(self, event: ClaimedEvent) -> None:
+        sink = OutboxFailureSink(self._outbox, event, self._clock)
+        try:
+            try:
+                request = CertificationUpsert.for_state(
+                    event.id,
+                    event.occurred_at,
+                    CertificationState.model_validate(event.state),
+                    today_in(self._zone, self._clock),
+                )
+            except ValidationError as exc:
+                await self._keep_undeliverable(event, sink, exc)
+                return
+            outcome = await self._sync.deliver(
+                request, operation_type=event.operation_type, sink=sink, when_open="hold"
+            )
+            if outcome.outcome is Outcome.DELIVERED:
+                if await self._outbox.mark_delivered(event, self._clock.now()):
+                    self.stats.delivered += 1
+                else:
+                    self._stale(event)
+            elif outcome.outcome is Outcome.HELD:
+                self.stats.held += 1
+                probe_at = await self._sync.breaker.next_probe_at()
+                await self._outbox.release(
+                    event, available_at=probe_at or self._clock.now(), detail="circuit open"
+                )
+            elif sink.lost_claim:
+                self._stale(event)
+            elif outcome.queue_status == "requires_investigation":
+                self.stats.queued_investigation += 1
+            else:
+                self.stats.queued_pending += 1
+        except asyncio.CancelledError:
+            # Shutting down mid-delivery: hand the event back now rather than wait for the lease.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(
+                    self._outbox.release(event, available_at=self._clock.now(), detail="worker stopped")
+                )
+            raise
+        except Exception:
+            # Kept in flight: its lease runs out and another claim delivers it. Never lost, never fatal.
+            self.stats.crashed += 1
+            log.exception(
+                "delivery_crashed", event_id=str(event.id), certification_id=str(event.certification_id)
+            )
+
+    async def _keep_undeliverable(
+        self, event: ClaimedEvent, sink: OutboxFailureSink, exc: ValidationError
+    ) -> None:
+        """A stored state that no longer fits the contract: reported and kept for investigation."""
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        log.error("event_state_invalid", event_id=str(event.id), problems=problems)
+        await sink.record(
+            DeliveryFailure(
+                operation_type=event.operation_type,
+                certification_id=event.certification_id,
+                event_id=event.id,
+                payload={"state": event.state},
+                failure_reason=f"stored state does not fit contract v1: {problems}",
+                attempt_count=0,
+                status="requires_investigation",
+            )
+        )
+        self.stats.queued_investigation += 1
+
+    def _stale(self, event: ClaimedEvent) -> None:
+        self.stats.stale_results += 1
+        log.warning(
+            "stale_result_discarded", event_id=str(event.id), reason="claim was rescued by another worker"
+        )
+
+    async def _sweep_if_due(self, now: datetime) -> None:
+        if self._next_sweep_check is not None and now < self._next_sweep_check:
+            return
+        self._next_sweep_check = now + timedelta(seconds=self._options.sweep_check_seconds)
+        earliest = await next_expiry(self._pool)
+        today = now.astimezone(self._zone).date()
+        if earliest is None or earliest >= today:
+            if earliest is not None:
+                # Wake exactly when the next certification passes its end date.
+                expires_at = datetime.combine(earliest + timedelta(days=1), time(0), self._zone)
+                self._next_sweep_check = min(self._next_sweep_check, expires_at)
+            return
+        expired = await expire_due(self._pool, today)
+        self.stats.expired_by_sweep += expired
+        log.info("expiry_sweep", expired=expired, today=today.isoformat())
+
+    async def _heartbeat(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self._sleep(self._options.heartbeat_seconds)
+            if self._tasks:
+                lease_until = self._clock.now() + timedelta(seconds=self._options.lease_seconds)
+                try:
+                    await self._outbox.extend_leases(list(self._tasks.values()), lease_until)
+                except DatabaseUnavailable as exc:
+                    log.error("lease_heartbeat_failed", error=str(exc))
+
+    async def _drain(self, stop: asyncio.Event) -> None:
+        """Let in-flight deliveries finish within the grace period; hand back the rest."""
+        if not self._tasks:
+            return
+        log.info("worker_draining", in_flight=len(self._tasks), stopping=stop.is_set())
+        tasks = set(self._tasks)
+        _, pending = await asyncio.wait(tasks, timeout=self._options.shutdown_grace_seconds)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
