@@ -12,28 +12,12 @@ import pytest
 from certsync.store.outbox import NOTIFY_CHANNEL, Outbox
 from certsync.store.pool import Pool
 from certsync.store.retry_queue import NewRetryEntry
+from tests.support.seed import seed_certifications
 
 pytestmark = pytest.mark.integration
 
 # Event times default to the database clock; claims pass "now" explicitly, a little later than that.
 NOW = datetime.now(UTC) + timedelta(hours=1)
-
-
-async def seed_certifications(pool: Pool, count: int) -> list[UUID]:
-    """``count`` active certifications of one mentor, inserted by plain SQL as the superuser."""
-    async with pool.connection() as conn:
-        cur = await conn.execute(
-            """
-            with u as (insert into auth.users default values returning id),
-                 m as (insert into public.peer_mentors (user_id, display_name)
-                       select id, 'Mentor' from u returning id)
-            insert into public.certifications (peer_mentor_id, valid_from, valid_until)
-            select m.id, date '2026-01-01', date '2027-01-01' from m, generate_series(1, %s)
-            returning id
-            """,
-            (count,),
-        )
-        return [r["id"] for r in await cur.fetchall()]
 
 
 async def events(pool: Pool, certification_id: UUID) -> list[dict[str, object]]:

@@ -1,0 +1,159 @@
+"""The worker end to end: real PostgreSQL, the real sandbox over loopback HTTP, real clock."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from certsync.app import Runtime, open_runtime
+from certsync.sandbox.faults import FaultScript, FaultStep
+from certsync.sandbox.server import SandboxServer
+from certsync.sandbox.state import DEFAULT_TOKEN, SandboxConfig
+from certsync.settings import Settings
+from certsync.store.pool import Pool
+from certsync.worker import WorkerOptions
+from tests.support.seed import outbox_statuses, seed_certifications, set_status
+
+pytestmark = pytest.mark.integration
+
+FAST = WorkerOptions(concurrency=8, poll_seconds=0.2, heartbeat_seconds=0.5, lease_seconds=10)
+
+
+@pytest.fixture
+def sandbox() -> Iterator[SandboxServer]:
+    with SandboxServer(SandboxConfig()) as server:
+        yield server
+
+
+def settings_for(database_url: str, sandbox: SandboxServer, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "dynamics_base_url": sandbox.url,
+        "dynamics_token": DEFAULT_TOKEN,
+        "retry_base_delay": 0.01,
+        "breaker_cooldown": 0.5,
+        "log_format": "json",
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@pytest.fixture
+async def runtime(database_url: str, sandbox: SandboxServer) -> AsyncIterator[Runtime]:
+    async with open_runtime(settings_for(database_url, sandbox)) as rt:
+        yield rt
+
+
+def puts(sandbox: SandboxServer) -> list[Any]:
+    return [r for r in sandbox.sandbox.requests() if r.method == "PUT"]
+
+
+async def test_changes_made_by_plain_sql_reach_the_portal(
+    pool: Pool, runtime: Runtime, sandbox: SandboxServer
+) -> None:
+    certs = await seed_certifications(pool, 5)
+    stats = await runtime.worker(FAST).run(once=True)
+    assert stats.delivered == 5
+    listing = sandbox.sandbox.public_listing()
+    assert len(listing) == 1  # one mentor, five active certifications
+    await set_status(pool, certs, "revoked")
+    await runtime.worker(FAST).run(once=True)
+    assert sandbox.sandbox.public_listing() == []
+    assert await outbox_statuses(pool) == {"delivered": 10}
+
+
+async def test_superseded_events_are_not_sent(pool: Pool, runtime: Runtime, sandbox: SandboxServer) -> None:
+    [cert] = await seed_certifications(pool, 1)
+    await set_status(pool, [cert], "suspended")
+    await set_status(pool, [cert], "active")
+    await set_status(pool, [cert], "revoked")
+    stats = await runtime.worker(FAST).run(once=True)
+    [request] = puts(sandbox)
+    assert request.path == f"/api/v1/certifications/{cert}"
+    assert stats.superseded == 3
+    assert sandbox.sandbox.snapshot()["certifications"][str(cert)]["certification"]["version"] == 4
+
+
+async def test_flag_off_sends_nothing_and_flag_on_delivers_everything(
+    pool: Pool, database_url: str, sandbox: SandboxServer
+) -> None:
+    await seed_certifications(pool, 7)
+    off = settings_for(database_url, sandbox, dynamics_sync_enabled=False)
+    async with open_runtime(off) as rt:
+        stats = await rt.worker(FAST).run(once=True)
+    assert stats.delivered == 0
+    assert puts(sandbox) == []
+    assert await outbox_statuses(pool) == {"waiting": 7}
+    async with open_runtime(settings_for(database_url, sandbox)) as rt:
+        stats = await rt.worker(FAST).run(once=True)
+    assert stats.delivered == 7
+    assert len(puts(sandbox)) == 7
+
+
+async def test_a_503_storm_opens_the_circuit_and_the_backlog_waits_in_the_outbox(
+    pool: Pool, runtime: Runtime, sandbox: SandboxServer
+) -> None:
+    sandbox.sandbox.load_faults(
+        FaultScript(steps=(FaultStep(status=503, times=None, scope="certification_put"),))
+    )
+    await seed_certifications(pool, 30)
+    stats = await runtime.worker(WorkerOptions(concurrency=1, poll_seconds=0.1)).run(once=True)
+    # Three failed calls open the circuit; the event being tried is queued, the rest wait.
+    assert len(puts(sandbox)) == 3
+    assert stats.queued_pending == 1
+    assert (await runtime.breaker.snapshot()).state == "open"
+    statuses = await outbox_statuses(pool)
+    assert statuses == {"queued": 1, "waiting": 29}
+
+
+async def test_after_recovery_the_half_open_probe_closes_the_circuit_and_the_backlog_drains(
+    pool: Pool, runtime: Runtime, sandbox: SandboxServer
+) -> None:
+    sandbox.sandbox.load_faults(
+        FaultScript(steps=(FaultStep(status=503, times=3, scope="certification_put"),))
+    )
+    await seed_certifications(pool, 20)
+    stop = asyncio.Event()
+    worker = runtime.worker(WorkerOptions(concurrency=1, poll_seconds=0.1))
+    task = asyncio.create_task(worker.run(stop))
+    for _ in range(200):
+        statuses = await outbox_statuses(pool)
+        if statuses.get("waiting", 0) == 0 and statuses.get("in_flight", 0) == 0:
+            break
+        await asyncio.sleep(0.05)
+    stop.set()
+    stats = await task
+    assert await outbox_statuses(pool) == {"queued": 1, "delivered": 19}
+    assert stats.delivered == 19
+    assert (await runtime.breaker.snapshot()).state == "closed"
+
+
+async def test_a_4xx_lands_in_requires_investigation(
+    pool: Pool, runtime: Runtime, sandbox: SandboxServer
+) -> None:
+    sandbox.sandbox.load_faults(
+        FaultScript(steps=(FaultStep(status=400, times=1, scope="certification_put"),))
+    )
+    await seed_certifications(pool, 1)
+    stats = await runtime.worker(FAST).run(once=True)
+    assert stats.queued_investigation == 1
+    [entry] = await runtime.queue.list_entries()
+    assert entry["status"] == "requires_investigation"
+    assert entry["attempt_count"] == 1
+
+
+async def test_two_workers_deliver_every_certification_exactly_once(
+    pool: Pool, database_url: str, sandbox: SandboxServer
+) -> None:
+    certs = await seed_certifications(pool, 120)
+    async with (
+        open_runtime(settings_for(database_url, sandbox)) as a,
+        open_runtime(settings_for(database_url, sandbox)) as b,
+    ):
+        results = await asyncio.gather(a.worker(FAST).run(once=True), b.worker(FAST).run(once=True))
+    assert sum(r.delivered for r in results) == 120
+    paths = sorted(r.path for r in puts(sandbox))
+    assert paths == sorted(f"/api/v1/certifications/{c}" for c in certs)

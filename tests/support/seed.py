@@ -1,0 +1,42 @@
+"""Seeding certifications for delivery tests: plain SQL as the superuser, as the dashboard would."""
+
+from __future__ import annotations
+
+from datetime import date
+from uuid import UUID
+
+from certsync.store.pool import Pool
+
+
+async def seed_certifications(
+    pool: Pool, count: int, *, valid_until: date = date(2099, 1, 1), status: str = "active"
+) -> list[UUID]:
+    """``count`` certifications of one new mentor; each insert is captured as an outbox event."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            """
+            with u as (insert into auth.users default values returning id),
+                 m as (insert into public.peer_mentors (user_id, display_name)
+                       select id, 'Mentor' from u returning id)
+            insert into public.certifications (peer_mentor_id, valid_from, valid_until, status)
+            select m.id, date '2020-01-01', %s, %s from m, generate_series(1, %s)
+            returning id
+            """,
+            (valid_until, status, count),
+        )
+        return [r["id"] for r in await cur.fetchall()]
+
+
+async def set_status(pool: Pool, certification_ids: list[UUID], status: str) -> None:
+    async with pool.connection() as conn:
+        await conn.execute(
+            "update public.certifications set status = %s where id = any(%s)", (status, certification_ids)
+        )
+
+
+async def outbox_statuses(pool: Pool) -> dict[str, int]:
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "select status, count(*) as n from public.certification_sync_events group by status"
+        )
+        return {r["status"]: int(r["n"]) for r in await cur.fetchall()}
