@@ -21,12 +21,14 @@ from certsync.dynamics.auth import ClientCredentialsTokenProvider, StaticTokenPr
 from certsync.dynamics.client import DynamicsClient
 from certsync.dynamics.signing import RequestSigner
 from certsync.dynamics.sync_service import DeliveryFailure, HLFDynamicsSyncService
+from certsync.replay import ReplayService
 from certsync.resilience.breaker import DYNAMICS_BREAKER, DynamicsCircuitBreaker
 from certsync.resilience.clock import Clock, Sleep, SystemClock, real_sleep
 from certsync.resilience.gate import SendGate
 from certsync.resilience.retry import RetryPolicy
 from certsync.settings import Settings
 from certsync.store.breaker_state import PostgresBreakerStore
+from certsync.store.certifications import CertificationRepository
 from certsync.store.embedded import embedded_database_url
 from certsync.store.outbox import Outbox, OutboxListener
 from certsync.store.pool import Pool, open_pool
@@ -149,6 +151,12 @@ class Runtime:
             sleep=self.sleep,
             gate=self.gate,
         )
+
+    def replay_service(self) -> ReplayService:
+        return ReplayService(self.queue, self.sync_service(), self.clock, self.settings.zone)
+
+    def certifications(self) -> CertificationRepository:
+        return CertificationRepository(self.pool, clock=self.clock, zone=self.settings.zone)
 
     def worker(self, options: WorkerOptions | None = None, *, listen: bool = True) -> SyncWorker:
         return SyncWorker(

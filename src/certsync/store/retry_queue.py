@@ -145,6 +145,11 @@ class RetryQueue:
         )
         return bool(rows)
 
+    async def current_state(self, certification_id: UUID) -> dict[str, Any] | None:
+        """The certification's state now, as the portal would receive it; None if it no longer exists."""
+        rows = await fetch(self._pool, "current_certification_state", {"id": certification_id})
+        return dict(rows[0]["state"]) if rows else None
+
     async def counts(self) -> dict[str, tuple[int, datetime | None]]:
         rows = await fetch(self._pool, "retry_queue_counts", {})
         return {r["status"]: (int(r["entries"]), r["oldest_at"]) for r in rows}

@@ -58,3 +58,7 @@ returning id;
 select status, count(*) as entries, min(created_at) as oldest_at
 from public.dynamics_sync_retry_queue
 group by status;
+
+-- name: current_certification_state
+-- A replay sends the certification as it is now, in the same shape the capture trigger records.
+select private.certification_sync_state(c) as state from public.certifications c where c.id = %(id)s;

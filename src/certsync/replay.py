@@ -1,0 +1,150 @@
+"""Manual replay of the retry queue: the certification's CURRENT state, through the same retry policy
+and circuit breaker as the worker, with the outcome recorded on the entry (who, when, how often).
+
+A stale payload is never resent: between the failure and the replay a coordinator may have renewed
+or revoked the certification, and the portal must learn what is true now.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+from zoneinfo import ZoneInfo
+
+import structlog
+from pydantic import ValidationError
+
+from certsync.dynamics.contract import CertificationState, CertificationUpsert
+from certsync.dynamics.sync_service import DeliveryFailure, HLFDynamicsSyncService, Outcome
+from certsync.resilience.clock import Clock
+from certsync.store.retry_queue import RetryQueue
+
+log = structlog.get_logger(__name__)
+
+ReplayStatus = Literal["replayed", "pending", "requires_investigation", "skipped"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayResult:
+    entry_id: int
+    status: ReplayStatus
+    attempts: int
+    reason: str | None = None
+
+
+@dataclass(slots=True)
+class ReplaySummary:
+    results: dict[str, int] = field(default_factory=dict)
+
+    def add(self, result: ReplayResult) -> None:
+        self.results[result.status] = self.results.get(result.status, 0) + 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.results.values())
+
+    @property
+    def failed(self) -> int:
+        return self.results.get("pending", 0) + self.results.get("requires_investigation", 0)
+
+
+class _ReplaySink:
+    """A failed replay updates its own entry (status, reason, attempts, history) instead of adding one."""
+
+    def __init__(self, queue: RetryQueue, entry_id: int, by: str, clock: Clock) -> None:
+        self._queue = queue
+        self._entry_id = entry_id
+        self._by = by
+        self._clock = clock
+
+    async def record(self, failure: DeliveryFailure) -> None:
+        await self._queue.record_replay_outcome(
+            self._entry_id,
+            status=failure.status,
+            failure_reason=failure.failure_reason,
+            attempts=failure.attempt_count,
+            by=self._by,
+            now=self._clock.now(),
+            payload_json=dict(failure.payload),
+        )
+
+
+class ReplayService:
+    def __init__(
+        self, queue: RetryQueue, service: HLFDynamicsSyncService, clock: Clock, zone: ZoneInfo
+    ) -> None:
+        self._queue = queue
+        self._service = service
+        self._clock = clock
+        self._zone = zone
+
+    async def replay(self, entry_id: int, *, by: str) -> ReplayResult:
+        """Replay one entry (NotFound if there is none). Replayed or discarded entries are skipped."""
+        entry = await self._queue.get(entry_id)
+        if entry["status"] not in ("pending", "requires_investigation"):
+            return ReplayResult(entry_id, "skipped", 0, f"already {entry['status']}")
+        sink = _ReplaySink(self._queue, entry_id, by, self._clock)
+        certification_id = entry["certification_id"]
+        state = await self._queue.current_state(certification_id) if certification_id else None
+        if state is None:
+            return await self._unreplayable(sink, entry, entry_id, "the certification no longer exists")
+        try:
+            request = CertificationUpsert.for_state(
+                uuid.uuid4(),  # a new request: what it carries may differ from the failed one
+                self._clock.now(),
+                CertificationState.model_validate(state),
+                self._clock.now().astimezone(self._zone).date(),
+            )
+        except ValidationError as exc:
+            return await self._unreplayable(sink, entry, entry_id, f"state does not fit contract v1: {exc}")
+        outcome = await self._service.deliver(
+            request, operation_type=entry["operation_type"], sink=sink, when_open="queue"
+        )
+        if outcome.outcome is Outcome.DELIVERED:
+            await self._queue.record_replay_outcome(
+                entry_id,
+                status="replayed",
+                failure_reason=None,
+                attempts=outcome.attempts,
+                by=by,
+                now=self._clock.now(),
+                payload_json=request.to_json_dict(),
+            )
+            log.info("replay_delivered", entry_id=entry_id, attempts=outcome.attempts, by_operator=True)
+            return ReplayResult(entry_id, "replayed", outcome.attempts)
+        status: ReplayStatus = outcome.queue_status or "pending"
+        return ReplayResult(entry_id, status, outcome.attempts, outcome.reason)
+
+    async def replay_all(
+        self,
+        *,
+        status: str | None,
+        by: str,
+        on_result: Callable[[ReplayResult], None] | None = None,
+    ) -> ReplaySummary:
+        """Replay every entry with ``status`` (default: pending), streamed a page at a time."""
+        summary = ReplaySummary()
+        async for row in self._queue.iterate(status=status or "pending"):
+            result = await self.replay(int(row["id"]), by=by)
+            summary.add(result)
+            if on_result is not None:
+                on_result(result)
+        return summary
+
+    async def _unreplayable(
+        self, sink: _ReplaySink, entry: dict[str, object], entry_id: int, reason: str
+    ) -> ReplayResult:
+        await sink.record(
+            DeliveryFailure(
+                operation_type=str(entry["operation_type"]),
+                certification_id=entry["certification_id"],  # type: ignore[arg-type]
+                event_id=uuid.uuid4(),
+                payload=dict(entry["payload_json"]),  # type: ignore[call-overload]
+                failure_reason=reason,
+                attempt_count=0,
+                status="requires_investigation",
+            )
+        )
+        return ReplayResult(entry_id, "requires_investigation", 0, reason)
