@@ -11,6 +11,17 @@ import structlog
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is at the moment of writing, not the one at configuration:
+    a test runner or a CLI harness may swap (and close) it between two log lines."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(
     fmt: Literal["json", "console"] = "json", level: str = "info", stream: Any = None
 ) -> None:
@@ -30,6 +41,6 @@ def configure_logging(
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=stream if stream is not None else sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=stream if stream is not None else _CurrentStderr()),
         cache_logger_on_first_use=False,
     )
