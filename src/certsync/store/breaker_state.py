@@ -1,0 +1,93 @@
+"""The shared circuit breaker's state in PostgreSQL (``dynamics_circuit_breakers``), one row per breaker.
+
+``PostgresBreakerStore`` implements ``certsync.resilience.breaker.BreakerStore``: every operation is
+one atomic statement from ``sql/breaker_state.sql``, so every worker process shares one breaker and
+only one of them gets the half-open probe. Time comes from the caller's clock, never the database's.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from certsync.resilience.breaker import (
+    BreakerSnapshot,
+    CircuitState,
+    Permit,
+    Transition,
+    denied_permit,
+    failure_transition,
+    probe_permit,
+    reset_transition,
+    success_transition,
+)
+from certsync.store.db import fetch
+from certsync.store.pool import Pool
+
+__all__ = ["PostgresBreakerStore", "snapshot_from_row"]
+
+_ALLOWED_CLOSED = Permit(allowed=True, state=CircuitState.CLOSED)
+
+
+class PostgresBreakerStore:
+    """Breaker state shared through PostgreSQL. Raises ``DatabaseUnavailable`` when it cannot reach it."""
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+
+    async def snapshot(self, name: str, now: datetime) -> BreakerSnapshot:
+        rows = await fetch(self._pool, "breaker_snapshot", {"name": name, "now": now})
+        return snapshot_from_row(rows[0]) if rows else BreakerSnapshot(name)
+
+    async def try_acquire(
+        self, name: str, now: datetime, cooldown: timedelta, probe_lease: timedelta
+    ) -> Permit:
+        rows = await fetch(
+            self._pool,
+            "breaker_try_acquire",
+            {"name": name, "now": now, "cooldown": cooldown, "lease_until": now + probe_lease},
+        )
+        if not rows:
+            return _ALLOWED_CLOSED
+        row = rows[0]
+        if row["wins"]:
+            return probe_permit(CircuitState(row["old_state"]))
+        return denied_permit(snapshot_from_row(row), cooldown)
+
+    async def record_success(self, name: str, now: datetime) -> Transition | None:
+        rows = await fetch(self._pool, "breaker_record_success", {"name": name, "now": now})
+        return success_transition(CircuitState(rows[0]["old_state"])) if rows else None
+
+    async def record_failure(
+        self, name: str, now: datetime, threshold: int, reason: str
+    ) -> Transition | None:
+        rows = await fetch(
+            self._pool,
+            "breaker_record_failure",
+            {"name": name, "now": now, "threshold": threshold, "reason": reason},
+        )
+        if not rows:
+            return None  # open: failures are not counted
+        row = rows[0]
+        return failure_transition(CircuitState(row["old_state"]), snapshot_from_row(row), reason)
+
+    async def reset(self, name: str, now: datetime) -> Transition | None:
+        rows = await fetch(self._pool, "breaker_reset", {"name": name})
+        return reset_transition(CircuitState(rows[0]["old_state"])) if rows else None
+
+
+def snapshot_from_row(row: dict[str, Any]) -> BreakerSnapshot:
+    """A ``dynamics_circuit_breakers`` row (as a dict) as a snapshot, its times in UTC."""
+    return BreakerSnapshot(
+        name=row["name"],
+        state=CircuitState(row["state"]),
+        consecutive_failures=row["consecutive_failures"],
+        opened_at=_utc(row["opened_at"]),
+        probe_lease_until=_utc(row["probe_lease_until"]),
+        last_failure_reason=row["last_failure_reason"],
+    )
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    # The session's TimeZone decides how timestamptz comes back; snapshots always speak UTC.
+    return None if moment is None else moment.astimezone(UTC)
