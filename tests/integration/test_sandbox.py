@@ -14,6 +14,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from certsync.dynamics.contract import CertificationState, CertificationUpsert
+from certsync.resilience.testing import ManualClock
 from certsync.sandbox import FaultScript, FaultStep, Latency, RateLimit, SandboxConfig, SandboxServer
 
 TOKEN = "integration-token"
@@ -239,6 +240,26 @@ def test_an_issued_token_is_accepted_until_the_admin_expires_it(client: httpx.Cl
     assert accepted.status_code == 200
     assert expired == {"expired": 1}
     assert refused.status_code == 401
+
+
+def test_an_issued_token_expires_after_its_lifetime_on_the_sandbox_clock() -> None:
+    clock = ManualClock()
+    config = SandboxConfig(token_ttl_seconds=60, monotonic=lambda: clock.now().timestamp())
+    with SandboxServer(config) as server, httpx.Client(base_url=server.url) as http:
+        token = http.post(
+            "/oauth2/token",
+            data={
+                "grant_type": "client_credentials",
+                "client_id": "certsync",
+                "client_secret": "sandbox-secret",
+            },
+        ).json()["access_token"]
+        clock.advance(59)
+        still_valid = put(http, upsert_body(uuid4(), 1), token=token)
+        clock.advance(1)
+        expired = put(http, upsert_body(uuid4(), 1), token=token)
+
+    assert (still_valid.status_code, expired.status_code) == (200, 401)
 
 
 def test_wrong_client_credentials_are_invalid_client_401(client: httpx.Client) -> None:
