@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Literal
+from typing import Any, Literal, TextIO, cast
 
 import structlog
 
@@ -41,6 +41,8 @@ def configure_logging(
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=stream if stream is not None else _CurrentStderr()),
+        logger_factory=structlog.PrintLoggerFactory(
+            file=stream if stream is not None else cast(TextIO, _CurrentStderr())
+        ),
         cache_logger_on_first_use=False,
     )

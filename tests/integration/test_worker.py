@@ -96,9 +96,7 @@ async def test_flag_off_sends_nothing_and_flag_on_delivers_everything(
 async def test_a_503_storm_opens_the_circuit_and_the_backlog_waits_in_the_outbox(
     pool: Pool, runtime: Runtime, sandbox: SandboxServer
 ) -> None:
-    sandbox.sandbox.load_faults(
-        FaultScript(steps=(FaultStep(status=503, times=None, scope="certification_put"),))
-    )
+    sandbox.sandbox.load_faults(FaultScript(steps=(FaultStep(status=503, times=None, scope="put"),)))
     await seed_certifications(pool, 30)
     stats = await runtime.worker(WorkerOptions(concurrency=1, poll_seconds=0.1)).run(once=True)
     # Three failed calls open the circuit; the event being tried is queued, the rest wait.
@@ -112,9 +110,7 @@ async def test_a_503_storm_opens_the_circuit_and_the_backlog_waits_in_the_outbox
 async def test_after_recovery_the_half_open_probe_closes_the_circuit_and_the_backlog_drains(
     pool: Pool, runtime: Runtime, sandbox: SandboxServer
 ) -> None:
-    sandbox.sandbox.load_faults(
-        FaultScript(steps=(FaultStep(status=503, times=3, scope="certification_put"),))
-    )
+    sandbox.sandbox.load_faults(FaultScript(steps=(FaultStep(status=503, times=3, scope="put"),)))
     await seed_certifications(pool, 20)
     stop = asyncio.Event()
     worker = runtime.worker(WorkerOptions(concurrency=1, poll_seconds=0.1))
@@ -134,9 +130,7 @@ async def test_after_recovery_the_half_open_probe_closes_the_circuit_and_the_bac
 async def test_a_4xx_lands_in_requires_investigation(
     pool: Pool, runtime: Runtime, sandbox: SandboxServer
 ) -> None:
-    sandbox.sandbox.load_faults(
-        FaultScript(steps=(FaultStep(status=400, times=1, scope="certification_put"),))
-    )
+    sandbox.sandbox.load_faults(FaultScript(steps=(FaultStep(status=400, times=1, scope="put"),)))
     await seed_certifications(pool, 1)
     stats = await runtime.worker(FAST).run(once=True)
     assert stats.queued_investigation == 1

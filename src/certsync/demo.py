@@ -1,0 +1,314 @@
+"""``certsync demo``: the whole flow on a laptop in under a minute.
+
+A fresh ``certsync_demo`` database (on the embedded PostgreSQL unless CERTSYNC_DATABASE_URL is set;
+real data is never touched), the local Dynamics sandbox on a free port, two organisations of sample
+data, an expiry sweep, and the worker through a scripted outage: retries, the circuit opening,
+changes waiting in the outbox, a half-open probe, recovery, a 429, a 4xx for investigation, and a
+manual replay. Delays are compressed (retry base 0.2 s, cool-down 2 s) so it finishes quickly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import psycopg
+import structlog
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from pydantic import SecretStr
+
+from certsync.app import Runtime, open_runtime, resolve_database_url
+from certsync.sandbox.faults import FaultScript, FaultStep
+from certsync.sandbox.server import SandboxServer
+from certsync.sandbox.state import DEFAULT_TOKEN, SandboxConfig
+from certsync.settings import Settings
+from certsync.store.errors import DatabaseUnavailable, first_line
+from certsync.store.migrations import migrate
+from certsync.store.outbox import Outbox
+from certsync.store.sweep import expire_due
+from certsync.worker import WorkerOptions, WorkerStats
+
+DEMO_DATABASE = "certsync_demo"
+RETRY_BASE_DELAY = 0.2
+BREAKER_COOLDOWN = 2.0
+
+_ORGANISATIONS = {
+    "Landsforeningen Nord": ["Tromsø", "Bodø"],
+    "Landsforeningen Vest": ["Bergen", "Stavanger", "Haugesund"],
+}
+# Fictional mentors: (display name, chapters, days until their certification ends; < 0 = already passed)
+_MENTORS = [
+    ("Ingrid Berg", ["Tromsø"], 400),
+    ("Ola Nordmann", ["Tromsø", "Bergen"], 200),  # in two organisations' chapters
+    ("Kari Holm", ["Bodø"], -1),
+    ("Per Lie", ["Bodø"], 90),
+    ("Sigrid Dahl", ["Bergen"], -3),
+    ("Lars Moen", ["Bergen"], 365),
+    ("Nora Strand", ["Stavanger"], 30),
+    ("Emil Aas", ["Stavanger"], -10),
+    ("Maja Vik", ["Haugesund"], 180),
+    ("Jonas Lund", ["Haugesund"], 500),
+]
+
+
+@dataclass(slots=True)
+class DemoReport:
+    """What the demo did, for the summary table."""
+
+    delivered: int = 0
+    retries: int = 0
+    queued_pending: int = 0
+    requires_investigation: int = 0
+    replayed: int = 0
+    transitions: list[str] = field(default_factory=list)
+    waited_in_outbox: int = 0
+    expired: int = 0
+    listing_before: list[str] = field(default_factory=list)
+    listing_after: list[str] = field(default_factory=list)
+    listing_matches_database: bool = False
+    portal_requests: int = 0
+    database_url: str = ""
+    log_file: str = ""
+    seconds: float = 0.0
+
+    def add(self, stats: WorkerStats) -> None:
+        self.delivered += stats.delivered
+        self.queued_pending += stats.queued_pending
+        self.requires_investigation += stats.queued_investigation
+
+
+class _EventCounter:
+    """A structlog processor that counts retries and records circuit transitions as they are logged."""
+
+    def __init__(self, report: DemoReport) -> None:
+        self._report = report
+
+    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        name = event.get("event")
+        if name == "retry_scheduled":
+            self._report.retries += 1
+        elif name == "circuit_transition":
+            self._report.transitions.append(f"{event.get('old_state')} → {event.get('new_state')}")
+        return event
+
+
+def _configure_demo_logging(report: DemoReport, log_file: Path) -> Any:
+    handle = log_file.open("w", encoding="utf-8")
+    structlog.configure(
+        processors=[
+            _EventCounter(report),
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        logger_factory=structlog.PrintLoggerFactory(file=handle),
+        cache_logger_on_first_use=False,
+    )
+    return handle
+
+
+async def _fresh_database(server_url: str) -> str:
+    """Drop and recreate ``certsync_demo`` on the server; return its URL."""
+    try:
+        async with await psycopg.AsyncConnection.connect(server_url, autocommit=True) as conn:
+            name = sql.Identifier(DEMO_DATABASE)
+            await conn.execute(sql.SQL("drop database if exists {} with (force)").format(name))
+            await conn.execute(sql.SQL("create database {}").format(name))
+    except psycopg.Error as exc:
+        raise DatabaseUnavailable(
+            f"could not create the {DEMO_DATABASE} database: {first_line(exc)}"
+        ) from exc
+    params = conninfo_to_dict(server_url)
+    params["dbname"] = DEMO_DATABASE
+    return make_conninfo(**params)  # type: ignore[arg-type]
+
+
+async def _seed(runtime: Runtime, today: date) -> dict[str, UUID]:
+    """Two organisations, five chapters, a coordinator in two of them, ten mentors, one certification each."""
+    certifications: dict[str, UUID] = {}
+    async with runtime.pool.connection() as conn, conn.transaction():
+        chapters: dict[str, UUID] = {}
+        for organisation, names in _ORGANISATIONS.items():
+            org_id = await _new_id(
+                conn, "insert into organisations (name) values (%s) returning id", (organisation,)
+            )
+            for name in names:
+                chapters[name] = await _new_id(
+                    conn,
+                    "insert into chapters (organisation_id, name) values (%s, %s) returning id",
+                    (org_id, name),
+                )
+        coordinator = await _new_id(
+            conn, "insert into auth.users (email) values ('coordinator@example.org') returning id"
+        )
+        for chapter in ("Tromsø", "Bergen"):
+            await conn.execute(
+                "insert into chapter_memberships (user_id, chapter_id, role) values (%s, %s, 'coordinator')",
+                (coordinator, chapters[chapter]),
+            )
+        for index, (name, member_of, days) in enumerate(_MENTORS):
+            user = await _new_id(
+                conn,
+                "insert into auth.users (email) values (%s) returning id",
+                (f"mentor{index}@example.org",),
+            )
+            mentor = await _new_id(
+                conn,
+                "insert into peer_mentors (user_id, display_name) values (%s, %s) returning id",
+                (user, name),
+            )
+            for chapter in member_of:
+                await conn.execute(
+                    "insert into chapter_memberships (user_id, chapter_id, role)"
+                    " values (%s, %s, 'peer_mentor')",
+                    (user, chapters[chapter]),
+                )
+            # Certifications that have already passed their end date are still 'active' until the sweep.
+            certifications[name] = await _new_id(
+                conn,
+                "insert into certifications (peer_mentor_id, valid_from, valid_until)"
+                " values (%s, %s, %s) returning id",
+                (mentor, today - timedelta(days=700), today + timedelta(days=days)),
+            )
+    return certifications
+
+
+async def _new_id(conn: psycopg.AsyncConnection[Any], statement: str, params: tuple[Any, ...] = ()) -> UUID:
+    """Run an ``insert … returning id`` and return the id."""
+    cur = await conn.execute(statement, params)
+    row = await cur.fetchone()
+    assert row is not None
+    return UUID(str(row["id"]))
+
+
+async def _listing_names(runtime: Runtime, mentor_ids: list[str]) -> list[str]:
+    async with runtime.pool.connection() as conn:
+        cur = await conn.execute(
+            "select display_name from peer_mentors where id = any(%s::uuid[]) order by display_name",
+            (mentor_ids,),
+        )
+        return [str(r["display_name"]) for r in await cur.fetchall()]
+
+
+async def _expected_listing(runtime: Runtime, today: date) -> set[str]:
+    async with runtime.pool.connection() as conn:
+        cur = await conn.execute(
+            "select distinct peer_mentor_id::text as id from certifications"
+            " where status = 'active' and valid_until >= %s",
+            (today,),
+        )
+        return {str(r["id"]) for r in await cur.fetchall()}
+
+
+Step = Callable[[str], None]
+
+
+async def run_demo(settings: Settings, log_dir: Path, step: Step) -> DemoReport:
+    """Run every phase; ``step`` is told what is happening (the CLI shows it as progress)."""
+    report = DemoReport()
+    log_file = log_dir / "certsync-demo.log"
+    await asyncio.to_thread(log_dir.mkdir, parents=True, exist_ok=True)
+    report.log_file = str(log_file)
+    handle = _configure_demo_logging(report, log_file)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        step("Starting PostgreSQL and creating the certsync_demo database")
+        demo_url = await _fresh_database(await resolve_database_url(settings))
+        report.database_url = demo_url
+        async with await psycopg.AsyncConnection.connect(demo_url) as conn:
+            await migrate(conn)
+
+        step("Starting the local Dynamics sandbox")
+        with SandboxServer(SandboxConfig()) as portal:
+            demo_settings = settings.model_copy(
+                update={
+                    "database_url": demo_url,
+                    "dynamics_base_url": portal.url,
+                    "dynamics_sync_enabled": True,
+                    "dynamics_token": settings.dynamics_token or _secret(DEFAULT_TOKEN),
+                    "dynamics_token_url": None,
+                    "dynamics_signing_secret": None,
+                    "retry_base_delay": RETRY_BASE_DELAY,
+                    "breaker_cooldown": BREAKER_COOLDOWN,
+                }
+            )
+            await _phases(demo_settings, portal, report, step)
+            report.portal_requests = sum(1 for r in portal.sandbox.requests() if r.method == "PUT")
+    finally:
+        report.seconds = loop.time() - started
+        handle.close()
+    return report
+
+
+def _secret(value: str) -> SecretStr:
+    return SecretStr(value)
+
+
+async def _phases(settings: Settings, portal: SandboxServer, report: DemoReport, step: Step) -> None:
+    # The demo sweeps explicitly, during the outage, so that the expiries are seen waiting and flowing.
+    options = WorkerOptions(concurrency=2, poll_seconds=0.2, heartbeat_seconds=1.0, sweep=False)
+    async with open_runtime(settings) as runtime:
+        today = runtime.clock.now().astimezone(settings.zone).date()
+        step("Loading two organisations, five chapters and ten mentors")
+        certs = await _seed(runtime, today)
+
+        step("Delivering every new certification to the portal")
+        report.add(await runtime.worker(options, listen=False).run(once=True))
+        report.listing_before = await _listing_names(runtime, portal.sandbox.public_listing())
+
+        step("Portal outage: every PUT answers 503; three certifications pass their end date")
+        portal.sandbox.load_faults(FaultScript(steps=(FaultStep(status=503, times=None, scope="put"),)))
+        report.expired = await expire_due(runtime.pool, today)
+        await runtime.certifications().revoke(certs["Per Lie"])
+        stats = await runtime.worker(options, listen=False).run(once=True)
+        report.add(stats)
+        report.waited_in_outbox = await _outbox_waiting(runtime)
+
+        step(f"Portal back; waiting {BREAKER_COOLDOWN:.0f} s of cool-down for the half-open probe")
+        portal.sandbox.load_faults(FaultScript())
+        await asyncio.sleep(BREAKER_COOLDOWN + 0.1)
+        report.add(await runtime.worker(options, listen=False).run(once=True))
+
+        step("Replaying what the outage left in the retry queue")
+        replay = runtime.replay_service()
+        summary = await replay.replay_all(status="pending", by="demo")
+        report.replayed += summary.results.get("replayed", 0)
+
+        step("A 429 with Retry-After: 1 s pauses all sending, then the renewal goes through")
+        portal.sandbox.load_faults(
+            FaultScript(steps=(FaultStep(status=429, retry_after=1, times=1, scope="put"),))
+        )
+        await runtime.certifications().renew(
+            certs["Nora Strand"], new_valid_until=today + timedelta(days=730), renewed_by=certs["Nora Strand"]
+        )
+        report.add(await runtime.worker(options, listen=False).run(once=True))
+
+        step("The portal refuses one request as invalid (400): kept for investigation")
+        portal.sandbox.load_faults(FaultScript(steps=(FaultStep(status=400, times=1, scope="put"),)))
+        await runtime.certifications().renew(
+            certs["Jonas Lund"], new_valid_until=today + timedelta(days=900), renewed_by=certs["Jonas Lund"]
+        )
+        report.add(await runtime.worker(options, listen=False).run(once=True))
+        portal.sandbox.load_faults(FaultScript())
+
+        listed = set(portal.sandbox.public_listing())
+        report.listing_after = await _listing_names(runtime, sorted(listed))
+        report.listing_matches_database = listed == await _expected_listing(runtime, today)
+
+
+async def _outbox_waiting(runtime: Runtime) -> int:
+    return (await Outbox(runtime.pool, "demo").depth()).waiting
+
+
+def transitions_summary(transitions: list[str]) -> str:
+    counts = Counter(transitions)
+    return ", ".join(f"{t} ×{n}" if n > 1 else t for t, n in counts.items()) or "none"
