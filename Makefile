@@ -35,7 +35,9 @@ typecheck: sync
 	$(BIN)/mypy
 
 bench: sync
+	$(UV) sync --frozen --group bench --python "$$($(PYTHON) -c 'import sys; print(sys.executable)')"
 	$(BIN)/python -m bench
+	rm -f $(VENV)/.synced
 
 clean:
 	rm -rf $(VENV) .uvenv .pytest_cache .mypy_cache .ruff_cache .coverage
