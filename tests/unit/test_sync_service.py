@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime
 
 import httpx
@@ -54,7 +55,12 @@ def upsert(status: str = "expired") -> CertificationUpsert:
 
 class Harness:
     def __init__(
-        self, *, threshold: int = 3, cooldown: float = 30.0, policy: RetryPolicy | None = None
+        self,
+        *,
+        threshold: int = 3,
+        cooldown: float = 30.0,
+        policy: RetryPolicy | None = None,
+        while_sleeping: Callable[[Harness], Awaitable[None]] | None = None,
     ) -> None:
         self.clock = ManualClock()
         self.store = InMemoryBreakerStore()
@@ -70,9 +76,15 @@ class Harness:
             self.breaker,
             self.sink,
             clock=self.clock,
-            sleep=self.clock.sleep,
+            sleep=self.sleep,
             gate=self.gate,
         )
+        self._while_sleeping = while_sleeping
+
+    async def sleep(self, seconds: float) -> None:
+        await self.clock.sleep(seconds)
+        if self._while_sleeping is not None:
+            await self._while_sleeping(self)
 
     async def state(self) -> CircuitState:
         return (await self.breaker.snapshot()).state
@@ -255,3 +267,17 @@ async def test_a_timeout_is_transient_and_retried() -> None:
     outcome = await h.service.deliver(upsert(), operation_type="certification.status_changed")
     assert outcome.outcome is Outcome.DELIVERED
     assert route.call_count == 2
+
+
+@respx.mock
+async def test_retries_cut_short_when_another_worker_opens_the_circuit_are_queued_as_pending() -> None:
+    async def another_worker_fails(h: Harness) -> None:
+        await h.breaker.record_failure("another worker's 503")  # the shared circuit opens meanwhile
+
+    h = Harness(threshold=2, while_sleeping=another_worker_fails)
+    route = put_route(respx.mock, httpx.Response(503), httpx.Response(200, json={}))
+    outcome = await h.service.deliver(upsert(), operation_type="certification.status_changed")
+    assert route.call_count == 1
+    assert outcome.queue_status == "pending"
+    assert outcome.reason == "circuit opened after 1 attempt(s); last: HTTP 503 Service Unavailable"
+    assert h.service.breaker is h.breaker
