@@ -47,6 +47,21 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    # The operator console (docs/console.md): at least the token or the username and password.
+    console_operator_token: SecretStr | None = Field(
+        default=None, description="bearer token for /api/ and token sign-in; at least 24 characters"
+    )
+    console_operator_name: str = Field(
+        default="operator", min_length=1, max_length=64, description="who token sign-ins act as"
+    )
+    console_username: str | None = Field(default=None, min_length=1, max_length=64)
+    console_password: SecretStr | None = None
+    console_session_secret: SecretStr | None = Field(
+        default=None, description="signs session cookies; unset: a random one per process"
+    )
+    console_session_hours: float = Field(default=8.0, gt=0.0, le=24.0 * 30)
+    console_secure_cookies: bool = Field(default=False, description="set when served over HTTPS")
+
     @field_validator("timezone")
     @classmethod
     def _known_timezone(cls, value: str) -> str:

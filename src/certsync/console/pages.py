@@ -1,0 +1,292 @@
+"""The console's HTML pages: server-rendered, plain forms, no JavaScript needed.
+
+Every page but the sign-in asks for a signed-in session; every POST carries the session's CSRF token
+and answers with a redirect (or a result page for a filtered action), so a reload never repeats it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Path, Request
+from fastapi.responses import RedirectResponse, Response
+from pydantic import TypeAdapter, ValidationError
+from starlette.datastructures import FormData
+
+from certsync.console.app import (
+    Conflict,
+    CsrfRejected,
+    SignInRequired,
+    Unauthorized,
+    context_of,
+    validation_message,
+)
+from certsync.console.auth import SESSION_COOKIE, Session
+from certsync.console.service import MAX_SELECTION, BadInput, QueueFilterParams, Reason
+from certsync.store.retry_queue import QUEUE_STATUSES
+
+router = APIRouter(include_in_schema=False)
+
+EntryId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+PAGE_SIZES = (25, 50, 100, 200)
+_REASON: TypeAdapter[str] = TypeAdapter(Reason)
+
+NOTICES = {
+    "replayed": "Replayed: the portal accepted the certification's current state.",
+    "pending": "The replay failed again; the entry is still pending (see its history).",
+    "requires_investigation": "The portal refused the replay; the entry needs investigation.",
+    "skipped": "Nothing to replay: the entry was already replayed or discarded.",
+    "discarded": "Discarded, with your reason recorded.",
+    "breaker-reset": "The circuit breaker is closed: deliveries resume.",
+    "breaker-closed": "The circuit breaker was already closed.",
+}
+
+
+def signed_in(request: Request) -> Session:
+    session = context_of(request).session(request)
+    if session is None or session.operator is None:
+        raise SignInRequired
+    return session
+
+
+async def posted_form(request: Request) -> tuple[str, FormData]:
+    """A state-changing form: the operator's name, once the session and its CSRF token check out."""
+    session = context_of(request).session(request)
+    if session is None or session.operator is None:
+        raise Unauthorized
+    form = await request.form()
+    if not session.accepts_csrf(text(form, "csrf_token")):
+        raise CsrfRejected
+    return session.operator, form
+
+
+def text(form: FormData, name: str) -> str | None:
+    value = form.get(name)
+    return value if isinstance(value, str) else None
+
+
+def parse_filters(values: Any) -> QueueFilterParams:
+    try:
+        return QueueFilterParams.model_validate(dict(values))
+    except ValidationError as exc:
+        raise BadInput(validation_message(exc.errors())) from None
+
+
+def parse_reason(form: FormData) -> str:
+    try:
+        return _REASON.validate_python(text(form, "reason") or "")
+    except ValidationError:
+        raise BadInput("a reason is required (1 to 500 characters)") from None
+
+
+def render(request: Request, template: str, session: Session, **values: Any) -> Response:
+    context = context_of(request)
+    notice = request.query_params.get("notice")
+    return context.templates.TemplateResponse(
+        request,
+        template,
+        {"session": session, "notice": NOTICES.get(notice or ""), "now": context.clock.now(), **values},
+    )
+
+
+def safe_next(target: str | None) -> str:
+    # Only a path on this site: never a redirect to another host (``//evil``, ``/\evil``).
+    if not target or not target.startswith("/") or target.startswith(("//", "/\\")):
+        return "/"
+    return target
+
+
+@router.get("/login")
+async def login_page(request: Request, next: str = "/") -> Response:
+    context = context_of(request)
+    session = context.session(request)
+    if session is not None and session.operator is not None:
+        return RedirectResponse(safe_next(next), status_code=303)
+    session = session or context.codec.new_anonymous()
+    response = _login_form(request, session, safe_next(next), error=None, status=200)
+    context.set_session(response, session)
+    return response
+
+
+def _login_form(
+    request: Request, session: Session, target: str, *, error: str | None, status: int
+) -> Response:
+    context = context_of(request)
+    return context.templates.TemplateResponse(
+        request,
+        "login.html",
+        {
+            "session": session,
+            "next": target,
+            "error": error,
+            "token_sign_in": context.credentials.token is not None,
+            "password_sign_in": context.credentials.username is not None,
+        },
+        status_code=status,
+    )
+
+
+@router.post("/login")
+async def login(request: Request) -> Response:
+    context = context_of(request)
+    session = context.session(request)
+    form = await request.form()
+    if session is None or not session.accepts_csrf(text(form, "csrf_token")):
+        raise CsrfRejected
+    credentials = context.credentials
+    operator = credentials.operator_for_token(text(form, "token")) or credentials.operator_for_password(
+        text(form, "username"), text(form, "password")
+    )
+    target = safe_next(text(form, "next"))
+    if operator is None:
+        return _login_form(request, session, target, error="Those credentials are not valid.", status=401)
+    response = RedirectResponse(target, status_code=303)
+    context.set_session(response, session.signed_in(operator, context.codec.expiry()))
+    return response
+
+
+@router.post("/logout")
+async def logout(request: Request) -> Response:
+    await posted_form(request)
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+@router.get("/")
+async def overview(request: Request) -> Response:
+    session = signed_in(request)
+    status = await context_of(request).service().status()
+    return render(request, "overview.html", session, status=status, statuses=QUEUE_STATUSES)
+
+
+@router.get("/queue")
+async def queue(request: Request) -> Response:
+    session = signed_in(request)
+    params = request.query_params
+    filters = parse_filters(params)
+    limit = _page_size(params.get("limit"))
+    service = context_of(request).service()
+    page = await service.page(filters.to_filters(service.zone), params.get("cursor"), limit)
+    kept = filters.query_items()
+    return render(
+        request,
+        "queue.html",
+        session,
+        filters=filters,
+        page=page,
+        limit=limit,
+        page_sizes=PAGE_SIZES,
+        statuses=QUEUE_STATUSES,
+        operation_types=await service.operation_types(),
+        first_page_query=urlencode([*kept, ("limit", str(limit))]),
+        next_page_query=urlencode([*kept, ("limit", str(limit)), ("cursor", page.next_cursor or "")]),
+        selection_query=urlencode(kept),
+        is_first_page=not params.get("cursor"),
+    )
+
+
+def _page_size(raw: str | None) -> int:
+    if not raw:
+        return 50
+    if not raw.isdigit() or int(raw) not in PAGE_SIZES:
+        raise BadInput(f"limit: one of {', '.join(map(str, PAGE_SIZES))}")
+    return int(raw)
+
+
+@router.get("/queue/selection")
+async def confirm_selection(request: Request, action: str = "replay") -> Response:
+    session = signed_in(request)
+    if action not in ("replay", "discard"):
+        raise BadInput("action: 'replay' or 'discard'")
+    filters = parse_filters(request.query_params)
+    service = context_of(request).service()
+    count = await service.selection_size(filters.to_filters(service.zone))
+    return render(
+        request,
+        "confirm.html",
+        session,
+        action=action,
+        filters=filters,
+        hidden=filters.query_items(),
+        count=count,
+        max_selection=MAX_SELECTION,
+        back_query=urlencode(filters.query_items()),
+    )
+
+
+@router.post("/queue/selection/replay")
+async def replay_selection(request: Request) -> Response:
+    operator, form = await posted_form(request)
+    filters = parse_filters(form)
+    service = context_of(request).service()
+    summary = await service.replay_selection(filters.to_filters(service.zone), by=operator)
+    session = signed_in(request)
+    return render(
+        request,
+        "done.html",
+        session,
+        action="replay",
+        total=summary.total,
+        results=summary.results,
+        back_query=urlencode(filters.query_items()),
+    )
+
+
+@router.post("/queue/selection/discard")
+async def discard_selection(request: Request) -> Response:
+    operator, form = await posted_form(request)
+    filters = parse_filters(form)
+    reason = parse_reason(form)
+    service = context_of(request).service()
+    discarded = await service.discard_selection(filters.to_filters(service.zone), reason=reason, by=operator)
+    return render(
+        request,
+        "done.html",
+        signed_in(request),
+        action="discard",
+        total=discarded,
+        results={"discarded": discarded},
+        back_query=urlencode(filters.query_items()),
+    )
+
+
+@router.get("/queue/{entry_id}")
+async def entry(request: Request, entry_id: EntryId) -> Response:
+    session = signed_in(request)
+    row = await context_of(request).service().entry(entry_id)
+    return render(
+        request,
+        "entry.html",
+        session,
+        entry=row,
+        payload=json.dumps(row["payload_json"], indent=2, sort_keys=True, default=str),
+        history=list(reversed(row.get("failure_history") or [])),
+        actionable=row["status"] in ("pending", "requires_investigation"),
+    )
+
+
+@router.post("/queue/{entry_id}/replay")
+async def replay_entry(request: Request, entry_id: EntryId) -> Response:
+    operator, _ = await posted_form(request)
+    result = await context_of(request).service().replay(entry_id, by=operator)
+    return RedirectResponse(f"/queue/{entry_id}?notice={result.status}", status_code=303)
+
+
+@router.post("/queue/{entry_id}/discard")
+async def discard_entry(request: Request, entry_id: EntryId) -> Response:
+    operator, form = await posted_form(request)
+    reason = parse_reason(form)
+    if not await context_of(request).service().discard(entry_id, reason=reason, by=operator):
+        raise Conflict(f"entry {entry_id} was already replayed or discarded")
+    return RedirectResponse(f"/queue/{entry_id}?notice=discarded", status_code=303)
+
+
+@router.post("/breaker/reset")
+async def reset_breaker(request: Request) -> Response:
+    operator, _ = await posted_form(request)
+    transition = await context_of(request).service().reset_breaker(by=operator)
+    notice = "breaker-reset" if transition is not None else "breaker-closed"
+    return RedirectResponse(f"/?notice={notice}", status_code=303)

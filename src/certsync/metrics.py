@@ -1,0 +1,292 @@
+"""Prometheus metrics: the shared truth read from the database at scrape time, plus this process's rates.
+
+Two sources, so that N workers and a console never disagree about the state of the system:
+
+* ``SystemStatusCollector`` — gauges read from PostgreSQL when scraped (breaker state, outbox depth
+  and oldest event age, retry-queue size by status and oldest ``pending`` age, deliveries in the last
+  hour, time of the last delivery). Every process reports the same numbers; alert on any one of them.
+* ``ProcessMetrics`` — counters and a latency histogram of what *this* process did, fed by the
+  structlog events the delivery path already emits (``dynamics_attempt``, ``dynamics_request``,
+  ``retry_scheduled``, ``delivery_queued``, ``circuit_transition``); sum them across processes with
+  PromQL. They count events that pass the log level, so run at ``CERTSYNC_LOG_LEVEL=info`` (default).
+* ``WorkerStatsCollector`` — the worker's own tallies (superseded, held, rescued, …) from ``WorkerStats``.
+
+``/metrics`` on the console serves all of them; ``start_worker_metrics`` serves them for a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterator, MutableMapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from certsync.app import Runtime
+from certsync.resilience.breaker import CircuitState
+from certsync.store.console_queries import SystemStatus, read_system_status
+from certsync.store.retry_queue import QUEUE_STATUSES
+from certsync.worker import SyncWorker, WorkerStats
+
+__all__ = [
+    "CONTENT_TYPE",
+    "MetricsServer",
+    "ProcessMetrics",
+    "SystemStatusCollector",
+    "WorkerStatsCollector",
+    "install_log_metrics",
+    "render_metrics",
+    "start_worker_metrics",
+]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+log = structlog.get_logger(__name__)
+
+# Seconds: a healthy portal answers in tens of milliseconds; the tail reaches the request timeout.
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+_ATTEMPT_OUTCOMES = {
+    "delivered": "delivered",
+    "TransientDynamicsError": "transient",
+    "RateLimitedError": "rate_limited",
+    "AuthenticationError": "unauthorized",
+    "PermanentDynamicsError": "refused",
+}
+
+EventDict = MutableMapping[str, Any]
+
+
+class ProcessMetrics:
+    """What this process did, counted from its structlog events. Each instance owns its registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.deliveries = Counter(
+            "certsync_deliveries",
+            "Delivery operations finished by this process, by outcome"
+            " (delivered, pending, requires_investigation); replays included.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.attempts = Counter(
+            "certsync_dynamics_attempts",
+            "Calls to the portal made by this process, by outcome.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "certsync_dynamics_retries", "Retries scheduled by this process.", registry=self.registry
+        )
+        self.request_seconds = Histogram(
+            "certsync_dynamics_request_duration_seconds",
+            "Time to an answer (or a transport failure) from the portal or its token endpoint.",
+            ["method", "status_class"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.transitions = Counter(
+            "certsync_breaker_transitions",
+            "Circuit breaker transitions observed by this process.",
+            ["from_state", "to_state"],
+            registry=self.registry,
+        )
+
+    def observe(self, event: EventDict) -> None:
+        """Count one log event, if it is one of ours; any other event is ignored."""
+        name = event.get("event")
+        if name == "dynamics_attempt":
+            outcome = _ATTEMPT_OUTCOMES.get(str(event.get("outcome")), "error")
+            self.attempts.labels(outcome).inc()
+            if outcome == "delivered":
+                self.deliveries.labels("delivered").inc()
+        elif name == "delivery_queued":
+            self.deliveries.labels(str(event.get("queue_status", "pending"))).inc()
+        elif name == "retry_scheduled":
+            self.retries.inc()
+        elif name == "dynamics_request":
+            status = event.get("status")
+            status_class = f"{int(status) // 100}xx" if isinstance(status, int) else "error"
+            seconds = float(event.get("duration_ms", 0.0)) / 1000
+            self.request_seconds.labels(str(event.get("method", "")), status_class).observe(seconds)
+        elif name == "circuit_transition":
+            self.transitions.labels(str(event.get("old_state")), str(event.get("new_state"))).inc()
+
+
+class _LogMetricsProcessor:
+    """A structlog processor that counts and passes every event on unchanged."""
+
+    def __init__(self, metrics: ProcessMetrics) -> None:
+        self.metrics = metrics
+
+    def __call__(self, logger: object, method_name: str, event: EventDict) -> EventDict:
+        # A malformed field must never cost the log line it came with.
+        with contextlib.suppress(TypeError, ValueError):
+            self.metrics.observe(event)
+        return event
+
+
+def install_log_metrics(metrics: ProcessMetrics) -> None:
+    """Feed ``metrics`` from every structlog event (first in the chain, before the renderer).
+
+    Call after ``configure_logging``; a second call replaces the first processor instead of adding one.
+    """
+    processors = [p for p in structlog.get_config()["processors"] if not isinstance(p, _LogMetricsProcessor)]
+    structlog.configure(processors=[_LogMetricsProcessor(metrics), *processors])
+
+
+def _seconds(value: Any) -> float:
+    return float(value.total_seconds())
+
+
+class SystemStatusCollector(Collector):
+    """Gauges from the database, read when scraped. ``certsync_database_up`` is 0 when that read fails."""
+
+    def __init__(self, read: Callable[[], SystemStatus]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("certsync_database_up", "1 when the scrape could read the shared state.")
+        try:
+            status = self._read()
+        except Exception as exc:  # any failure to read is what this gauge reports
+            log.warning("metrics_status_unavailable", error=type(exc).__name__)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from _status_metrics(status)
+
+
+def _status_metrics(status: SystemStatus) -> Iterator[Metric]:
+    state = GaugeMetricFamily(
+        "certsync_breaker_state", "1 for the shared circuit breaker's current state.", labels=["state"]
+    )
+    for candidate in CircuitState:
+        state.add_metric([candidate.value], 1 if status.breaker.state is candidate else 0)
+    yield state
+    failures = GaugeMetricFamily(
+        "certsync_breaker_consecutive_failures", "Consecutive failed calls counted by the breaker."
+    )
+    failures.add_metric([], status.breaker.consecutive_failures)
+    yield failures
+    if status.breaker.opened_at is not None:
+        opened = GaugeMetricFamily(
+            "certsync_breaker_opened_timestamp_seconds", "When the current outage opened the circuit."
+        )
+        opened.add_metric([], status.breaker.opened_at.timestamp())
+        yield opened
+    outbox = GaugeMetricFamily(
+        "certsync_outbox_events", "Outbox events not yet delivered, by status.", labels=["status"]
+    )
+    outbox.add_metric(["waiting"], status.outbox.waiting)
+    outbox.add_metric(["in_flight"], status.outbox.in_flight)
+    yield outbox
+    outbox_age = GaugeMetricFamily(
+        "certsync_outbox_oldest_event_age_seconds", "Age of the oldest undelivered outbox event; 0 if none."
+    )
+    outbox_age.add_metric([], _seconds(status.oldest_outbox_age) if status.oldest_outbox_age else 0.0)
+    yield outbox_age
+    queue = GaugeMetricFamily(
+        "certsync_retry_queue_entries", "Retry queue entries by status.", labels=["status"]
+    )
+    for queue_status in QUEUE_STATUSES:
+        queue.add_metric([queue_status], status.queue_count(queue_status).entries)
+    yield queue
+    pending_age = GaugeMetricFamily(
+        "certsync_retry_queue_oldest_pending_age_seconds",
+        "Age of the oldest entry waiting for manual replay; 0 if none.",
+    )
+    pending_age.add_metric([], _seconds(status.oldest_pending_age) if status.oldest_pending_age else 0.0)
+    yield pending_age
+    last_hour = GaugeMetricFamily(
+        "certsync_deliveries_last_hour", "Outbox events delivered in the hour before the scrape."
+    )
+    last_hour.add_metric([], status.delivered_last_hour)
+    yield last_hour
+    if status.last_delivered_at is not None:
+        last = GaugeMetricFamily(
+            "certsync_last_delivery_timestamp_seconds",
+            "When the last outbox event was delivered (absent until the first delivery).",
+        )
+        last.add_metric([], status.last_delivered_at.timestamp())
+        yield last
+
+
+class WorkerStatsCollector(Collector):
+    """One worker's tallies since it started, as counters labelled by kind."""
+
+    def __init__(self, stats: Callable[[], WorkerStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        family = CounterMetricFamily(
+            "certsync_worker_events", "What this worker did since it started, by kind.", labels=["kind"]
+        )
+        for field in fields(stats):
+            value = getattr(stats, field.name)
+            if isinstance(value, int):
+                family.add_metric([field.name], value)
+        yield family
+        started = GaugeMetricFamily("certsync_worker_start_timestamp_seconds", "When this worker started.")
+        started.add_metric([], stats.started_at.timestamp())
+        yield started
+
+
+def render_metrics(*registries: Collector) -> bytes:
+    """The text exposition of several registries (their metric names do not overlap)."""
+    return b"".join(generate_latest(registry) for registry in registries)
+
+
+@dataclass(slots=True)
+class MetricsServer:
+    """The worker's metrics endpoint, served by prometheus-client in a daemon thread."""
+
+    port: int
+    _stop: Callable[[], None]
+
+    def stop(self) -> None:
+        self._stop()
+
+
+def start_worker_metrics(
+    port: int,
+    runtime: Runtime,
+    worker: SyncWorker,
+    *,
+    host: str = "0.0.0.0",  # noqa: S104  (an exporter is scraped from another host or container)
+    read_timeout: float = 5.0,
+) -> MetricsServer:
+    """Serve ``/metrics`` for ``certsync worker --metrics-port``; call from the worker's event loop.
+
+    The gauges are read on the worker's own loop and pool (the scrape thread waits for them at most
+    ``read_timeout`` seconds), so the numbers are the database's, as every other process reports them.
+    """
+    loop = asyncio.get_running_loop()
+    metrics = ProcessMetrics()
+    install_log_metrics(metrics)
+
+    def read() -> SystemStatus:
+        future = asyncio.run_coroutine_threadsafe(
+            read_system_status(runtime.pool, runtime.breaker, runtime.clock.now()), loop
+        )
+        return future.result(timeout=read_timeout)
+
+    metrics.registry.register(SystemStatusCollector(read))
+    metrics.registry.register(WorkerStatsCollector(lambda: worker.stats))
+    server, thread = start_http_server(port, addr=host, registry=metrics.registry)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(5.0)
+
+    log.info("metrics_listening", host=host, port=server.server_port)
+    return MetricsServer(port=int(server.server_port), _stop=stop)
