@@ -629,3 +629,16 @@ async def test_the_openapi_document_describes_every_endpoint_with_bearer_auth(ap
     expected = {(m, re.sub(r"/1(?=/|$)", "/{entry_id}", p)) for m, p, _ in API_CALLS}
     assert described == expected
     assert document["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+
+
+async def test_a_filtered_discard_through_the_form_records_the_reason_and_the_operator(
+    pool: Pool, runtime: Runtime, client: httpx.AsyncClient
+) -> None:
+    ids = await entries_of(pool, runtime, 2, status="requires_investigation")
+    await entries_of(pool, runtime, 1)
+    csrf = await signed_in_csrf(client)
+    form = {"csrf_token": csrf, "status": "requires_investigation", "reason": "portal rejects legacy types"}
+    page = await client.post("/queue/selection/discard", data=form)
+    assert "Discard: 2 entries" in page.text
+    entries = [await runtime.queue.get(i) for i in ids]
+    assert {(e["status"], e["discarded_by"]) for e in entries} == {("discarded", USERNAME)}
