@@ -5,7 +5,7 @@ against the sandbox."""
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import uuid4
@@ -21,6 +21,7 @@ from certsync.settings import Settings
 from certsync.store.pool import Pool
 from certsync.store.retry_queue import NewRetryEntry
 from tests.integration.test_worker import FAST, sandbox, settings_for
+from tests.support.databases import create_database, drop_database, unique_name
 from tests.support.seed import seed_certifications
 
 pytestmark = pytest.mark.integration
@@ -642,3 +643,24 @@ async def test_a_filtered_discard_through_the_form_records_the_reason_and_the_op
     assert "Discard: 2 entries" in page.text
     entries = [await runtime.queue.get(i) for i in ids]
     assert {(e["status"], e["discarded_by"]) for e in entries} == {("discarded", USERNAME)}
+
+
+@pytest.fixture
+def unmigrated_database_url(pg_admin_url: str) -> Iterator[str]:
+    name = unique_name("certsync_unmigrated")
+    yield create_database(pg_admin_url, name)
+    drop_database(pg_admin_url, name)
+
+
+async def test_a_database_never_migrated_is_503_saying_so_and_metrics_report_it_down(
+    unmigrated_database_url: str, sandbox: SandboxServer
+) -> None:
+    settings = console_settings(unmigrated_database_url, sandbox)
+    async with open_runtime(settings) as rt:
+        app = create_console_app(rt, settings)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as c:
+            overview = await c.get("/api/overview", headers=BEARER)
+            metrics = await c.get("/metrics")
+    assert overview.status_code == 503
+    assert "certsync migrate" in overview.json()["detail"]
+    assert "certsync_database_up 0.0" in metrics.text

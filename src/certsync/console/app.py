@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
@@ -43,7 +44,7 @@ from certsync.metrics import (
 from certsync.resilience.clock import Clock, SystemClock
 from certsync.settings import Settings
 from certsync.store.console_queries import SystemStatus
-from certsync.store.errors import DatabaseUnavailable, NotFound
+from certsync.store.errors import DatabaseUnavailable, NotFound, first_line
 
 RuntimeFactory = Callable[[], AbstractAsyncContextManager[Runtime]]
 
@@ -189,7 +190,7 @@ def create_console_app(
         status: SystemStatus | None
         try:
             status = await context.service().status()
-        except DatabaseUnavailable:
+        except (DatabaseUnavailable, psycopg.Error):
             status = None
 
         def read() -> SystemStatus:
@@ -253,6 +254,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def unavailable(request: Request, exc: Exception) -> Response:
         return _problem(request, 503, str(exc))
 
+    async def database_error(request: Request, exc: Exception) -> Response:
+        # Not an operational failure the store wraps: most often a database never migrated.
+        return _problem(request, 503, f"database error (is it migrated? certsync migrate): {first_line(exc)}")
+
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         return _problem(request, exc.status_code, str(exc.detail))
@@ -266,6 +271,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Conflict, conflict)
     app.add_exception_handler(DatabaseUnavailable, unavailable)
     app.add_exception_handler(ConfigurationError, unavailable)
+    app.add_exception_handler(psycopg.Error, database_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
 
 
