@@ -1,39 +1,89 @@
 """Shared by every command: the root Typer app, settings loading and the exit-code mapping.
 
-Exit codes: 0 done; 1 an operational failure (database or Dynamics unreachable); 2 bad input or
-configuration, always as one clear line on stderr and never a traceback.
+Exit codes: 0 done; 1 an operational failure (database or Dynamics unreachable, a replay that
+failed); 2 bad input or configuration; 130 interrupted. A failure is always one clear line on
+stderr and never a traceback — including Click's own usage errors, which ``_CertsyncGroup`` turns
+into one line instead of a boxed panel.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import NoReturn, TypeVar
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NoReturn, TypeVar
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
 
+from certsync.app import ConfigurationError
+from certsync.domain.certification import DomainError
+from certsync.dynamics.errors import DynamicsError
 from certsync.logs import configure_logging
 from certsync.settings import Settings
-from certsync.store.errors import DatabaseUnavailable, MigrationError, NotFound, StoreError
+from certsync.store.errors import NotFound, StoreError
 
 T = TypeVar("T")
 
+INTERRUPTED = 130
+"""The shell's convention for a process ended by SIGINT (128 + 2)."""
+
+# Soft wrap: a sentence stays one line when piped or captured (grep, logs); tables still fit the width.
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def one_line(message: str) -> str:
+    """A message that may span lines (a driver's error) as one line, so stderr stays greppable."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip()) or "failed"
+
+
+def fail(code: int, message: str) -> NoReturn:
+    # Escaped: a reason may hold brackets (``accepts [2]``) that Rich would take for markup.
+    err.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False)
+    raise typer.Exit(code)
+
+
+class _CertsyncGroup(TyperGroup):
+    """The root group: a usage error (bad option value, missing argument) is one line, exit 2."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        except typer.TyperException as exc:  # Click's usage errors (Typer vendors Click)
+            if type(exc).__name__ == "NoArgsIsHelpError":  # as Typer itself tells it: the help is shown
+                sys.exit(exc.exit_code)
+            ctx: typer.Context | None = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            err.print(f"[bold red]error:[/] {escape(one_line(exc.format_message()))}{hint}", highlight=False)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            sys.exit(INTERRUPTED)
+        # Not standalone, Typer hands back the code of a ``typer.Exit`` instead of exiting.
+        sys.exit(result if isinstance(result, int) else 0)
+
+
 cli = typer.Typer(
     name="certsync",
+    cls=_CertsyncGroup,
     help="Keeps HLF peer-mentor certifications true on the Dynamics portal.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
-
-
-def fail(code: int, message: str) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def load_settings() -> Settings:
@@ -52,7 +102,11 @@ def run(work: Callable[[], Awaitable[T]]) -> T:
     """Run one command's coroutine, mapping expected failures to exit codes (1 operational, 2 input)."""
     try:
         return asyncio.run(work())  # type: ignore[arg-type]
-    except NotFound as exc:
+    except KeyboardInterrupt:
+        raise typer.Exit(INTERRUPTED) from None
+    except (NotFound, ConfigurationError, DomainError) as exc:
         fail(2, str(exc))
-    except (DatabaseUnavailable, MigrationError, StoreError) as exc:
+    except StoreError as exc:  # DatabaseUnavailable, MigrationError
         fail(1, str(exc))
+    except DynamicsError as exc:
+        fail(1, f"Dynamics portal: {exc}")
