@@ -1,13 +1,26 @@
 """The ``certsync`` command line: thin commands that parse, build through ``app`` and call.
 
 Each command group lives in its own module and registers itself on the root app in ``_common``;
-this package only imports them, in the order ``--help`` lists them.
+this package only imports them.
 """
 
 from __future__ import annotations
 
-from certsync.cli import migrate as _migrate  # noqa: F401  (registers `certsync migrate`)
+# Imported for their registration on ``cli``.
+from certsync.cli import (  # noqa: F401
+    breaker,
+    console,
+    contract,
+    demo,
+    migrate,
+    queue,
+    sandbox,
+    sweep,
+    worker,
+)
 from certsync.cli._common import cli
+
+__all__ = ["cli", "main"]
 
 
 @cli.callback()

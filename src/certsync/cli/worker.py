@@ -1,0 +1,110 @@
+"""``certsync worker``: runs the delivery loop in the foreground until SIGTERM/SIGINT, or once.
+
+A stop signal only sets the worker's stop event: in-flight deliveries finish (or, past the grace
+period, are handed back to the outbox), so no change is lost when a supervisor restarts the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Iterator
+from typing import Annotated
+
+import typer
+
+from certsync import app as composition
+from certsync.cli._common import cli, fail, load_settings, out, run
+from certsync.resilience.breaker import CircuitState
+from certsync.store.outbox import Outbox, OutboxDepth
+from certsync.worker import WorkerOptions, WorkerStats
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+    """SIGTERM/SIGINT set ``stop`` instead of killing the loop mid-delivery.
+
+    Signal handlers can only be installed from the main thread (a test harness may run the command
+    in another one); there the command still runs, it just cannot be stopped by a signal.
+    """
+    loop = asyncio.get_running_loop()
+    installed = []
+    for signum in _STOP_SIGNALS:
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+            loop.add_signal_handler(signum, stop.set)
+            installed.append(signum)
+    try:
+        yield
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)
+
+
+def _waiting(depth: OutboxDepth) -> str:
+    events = depth.waiting + depth.in_flight
+    return f"{events} event{'s' if events != 1 else ''}"
+
+
+def _print_summary(stats: WorkerStats) -> None:
+    figures = [
+        ("delivered", stats.delivered),
+        ("queued for replay (pending)", stats.queued_pending),
+        ("requires investigation", stats.queued_investigation),
+        ("superseded by a newer state", stats.superseded),
+        ("held while the circuit was open", stats.held),
+        ("expired by the sweep", stats.expired_by_sweep),
+        ("rescued from a dead worker", stats.rescued),
+    ]
+    shown = [f"{label}: [bold]{value}[/]" for label, value in figures if value or label == "delivered"]
+    out.print("  ".join(shown))
+
+
+@cli.command()
+def worker(
+    once: Annotated[
+        bool, typer.Option("--once", help="Deliver everything due now (with its retries), then exit.")
+    ] = False,
+    concurrency: Annotated[
+        int, typer.Option(help="Certifications delivered at the same time (Dynamics allows 52 per user).")
+    ] = WorkerOptions().concurrency,
+) -> None:
+    """Deliver certification status changes to Dynamics until SIGTERM/SIGINT (graceful)."""
+    if concurrency < 1:
+        fail(2, f"--concurrency must be at least 1, not {concurrency}")
+    settings = load_settings()
+    options = WorkerOptions(concurrency=concurrency)
+
+    async def work() -> None:
+        async with composition.open_runtime(settings, max_pool_size=concurrency + 4) as rt:
+            outbox = Outbox(rt.pool, composition.worker_id())
+            sync_worker = rt.worker(options)
+            if not settings.sync_enabled:
+                depth = await outbox.depth()
+                out.print(
+                    "Dynamics sync is off (CERTSYNC_DYNAMICS_SYNC_ENABLED=false): nothing is sent;"
+                    f" {_waiting(depth)} wait in the outbox until it is turned on."
+                )
+            elif not once:
+                out.print(
+                    f"Delivering to {settings.dynamics_base_url} (concurrency {concurrency}); Ctrl+C stops."
+                )
+            stop = asyncio.Event()
+            with stop_on_signals(stop):
+                stats = await sync_worker.run(stop, once=once)
+            if not settings.sync_enabled:
+                return
+            _print_summary(stats)
+            snapshot = await rt.breaker.snapshot()
+            if snapshot.state is not CircuitState.CLOSED:
+                depth = await outbox.depth()
+                probe_at = snapshot.next_probe_at(rt.breaker.cooldown)
+                when = f" (next probe at {probe_at.isoformat(timespec='seconds')})" if probe_at else ""
+                out.print(
+                    f"[yellow]The circuit is {snapshot.state}[/]{when}: {_waiting(depth)} wait in the"
+                    " outbox for it to close; run the worker again, or see `certsync breaker status`."
+                )
+
+    run(work)

@@ -1,0 +1,223 @@
+"""The operator commands end to end: ``certsync`` parsed by Typer, real PostgreSQL, the real sandbox.
+
+Each command runs in a worker thread (``asyncio.to_thread``) because it starts its own event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from datetime import date
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from certsync.app import breaker_for
+from certsync.cli import cli
+from certsync.resilience.clock import SystemClock
+from certsync.sandbox.faults import FaultScript, FaultStep
+from certsync.sandbox.server import SandboxServer
+from certsync.sandbox.state import DEFAULT_TOKEN, SandboxConfig
+from certsync.settings import Settings
+from certsync.store.pool import Pool
+from tests.integration.test_worker import puts
+from tests.support.seed import outbox_statuses, seed_certifications
+
+pytestmark = pytest.mark.integration
+
+UNREACHABLE_DATABASE = "postgresql://postgres@127.0.0.1:1/postgres?connect_timeout=2"
+
+
+def cli_env(database_url: str, base_url: str | None = None, **overrides: str) -> dict[str, str]:
+    """The environment a command runs with: this test's database and, if given, the sandbox."""
+    env = {
+        "CERTSYNC_DATABASE_URL": database_url,
+        "CERTSYNC_LOG_FORMAT": "json",
+        "CERTSYNC_LOG_LEVEL": "warning",
+        "CERTSYNC_RETRY_BASE_DELAY": "0.01",
+        "CERTSYNC_BREAKER_COOLDOWN": "30",
+        "CERTSYNC_DYNAMICS_SYNC_ENABLED": "true" if base_url else "false",
+    }
+    if base_url is not None:
+        env |= {"CERTSYNC_DYNAMICS_BASE_URL": base_url, "CERTSYNC_DYNAMICS_TOKEN": DEFAULT_TOKEN}
+    return env | overrides
+
+
+async def certsync(*args: str, env: dict[str, str]) -> Result:
+    return await asyncio.to_thread(CliRunner().invoke, cli, list(args), env=env)
+
+
+def assert_one_line_error(result: Result) -> None:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.output
+
+
+@pytest.fixture
+def sandbox() -> Iterator[SandboxServer]:
+    with SandboxServer(SandboxConfig()) as server:
+        yield server
+
+
+# Exit codes ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["queue", "list"], ["queue", "show", "1"], ["sweep"], ["breaker", "status"], ["worker", "--once"]],
+    ids=" ".join,
+)
+async def test_an_unreachable_database_exits_1_with_one_line_and_no_traceback(command: list[str]) -> None:
+    result = await certsync(*command, env=cli_env(UNREACHABLE_DATABASE))
+    assert result.exit_code == 1
+    assert_one_line_error(result)
+    assert "database" in result.stderr
+
+
+async def test_an_invalid_setting_exits_2_naming_the_variable(database_url: str) -> None:
+    result = await certsync("sweep", env=cli_env(database_url, CERTSYNC_RETRY_MAX_RETRIES="many"))
+    assert result.exit_code == 2
+    assert_one_line_error(result)
+    assert "CERTSYNC_RETRY_MAX_RETRIES" in result.stderr
+
+
+async def test_a_usage_error_exits_2_with_one_line(database_url: str) -> None:
+    result = await certsync("worker", "--concurrency", "lots", env=cli_env(database_url))
+    assert result.exit_code == 2
+    assert_one_line_error(result)
+    assert "--concurrency" in result.stderr
+
+
+# breaker ----------------------------------------------------------------------------------------------
+
+
+async def open_the_circuit(pool: Pool, database_url: str) -> None:
+    settings = Settings(_env_file=None, database_url=database_url)  # type: ignore[call-arg]
+    breaker = breaker_for(pool, settings, SystemClock())
+    for _ in range(breaker.failure_threshold):
+        await breaker.record_failure("HTTP 503 Service Unavailable")
+
+
+async def test_breaker_status_json_prints_one_object_with_the_state(database_url: str) -> None:
+    result = await certsync("breaker", "status", "--json", env=cli_env(database_url))
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.stdout)
+    assert status["state"] == "closed"
+    assert status["consecutive_failures"] == 0
+
+
+async def test_breaker_status_shows_when_an_open_circuit_opened_and_may_probe(
+    pool: Pool, database_url: str
+) -> None:
+    await open_the_circuit(pool, database_url)
+    result = await certsync("breaker", "status", "--json", env=cli_env(database_url))
+    status = json.loads(result.stdout)
+    assert (status["state"], status["consecutive_failures"]) == ("open", 3)
+    assert status["opened_at"] is not None
+    assert status["next_probe_at"] > status["opened_at"]
+    assert status["last_failure_reason"] == "HTTP 503 Service Unavailable"
+
+
+async def test_breaker_reset_closes_an_open_breaker(pool: Pool, database_url: str) -> None:
+    await open_the_circuit(pool, database_url)
+    result = await certsync("breaker", "reset", env=cli_env(database_url))
+    assert result.exit_code == 0, result.output
+    assert "it was open" in result.stdout
+    status = await certsync("breaker", "status", "--json", env=cli_env(database_url))
+    assert json.loads(status.stdout)["state"] == "closed"
+
+
+# contract ---------------------------------------------------------------------------------------------
+
+
+async def test_contract_check_passes_when_the_portal_accepts_version_1(
+    database_url: str, sandbox: SandboxServer
+) -> None:
+    result = await certsync("contract", "check", env=cli_env(database_url, sandbox.url))
+    assert result.exit_code == 0, result.output
+    assert "accepts contract v1" in result.stdout
+
+
+async def test_contract_check_fails_loudly_when_the_portal_moved_to_version_2(
+    database_url: str, sandbox: SandboxServer
+) -> None:
+    sandbox.sandbox.set_contract_versions((2,))
+    result = await certsync("contract", "check", env=cli_env(database_url, sandbox.url))
+    assert result.exit_code == 1
+    assert_one_line_error(result)
+    assert "CONTRACT MISMATCH" in result.stderr
+    assert "accepts v2, but certsync sends v1" in result.stderr
+
+
+async def test_contract_check_without_a_portal_configured_exits_2(database_url: str) -> None:
+    result = await certsync("contract", "check", env=cli_env(database_url))
+    assert result.exit_code == 2
+    assert_one_line_error(result)
+    assert "CERTSYNC_DYNAMICS_BASE_URL" in result.stderr
+
+
+# sweep ------------------------------------------------------------------------------------------------
+
+
+async def statuses_of(pool: Pool, ids: list[object]) -> list[str]:
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "select status from public.certifications where id = any(%s) order by status", (ids,)
+        )
+        return [r["status"] for r in await cur.fetchall()]
+
+
+async def test_sweep_expires_exactly_the_due_certifications(pool: Pool, database_url: str) -> None:
+    due = await seed_certifications(pool, 3, valid_until=date(2020, 6, 1))
+    current = await seed_certifications(pool, 2, valid_until=date(2099, 1, 1))
+    revoked = await seed_certifications(pool, 1, valid_until=date(2020, 6, 1), status="revoked")
+
+    result = await certsync("sweep", env=cli_env(database_url))
+
+    assert result.exit_code == 0, result.output
+    assert "Expired 3 certifications" in result.stdout
+    assert await statuses_of(pool, due) == ["expired"] * 3
+    assert await statuses_of(pool, current) == ["active"] * 2
+    assert await statuses_of(pool, revoked) == ["revoked"]
+
+
+# worker -----------------------------------------------------------------------------------------------
+
+
+async def test_worker_once_delivers_everything_due_and_prints_a_summary(
+    pool: Pool, database_url: str, sandbox: SandboxServer
+) -> None:
+    await seed_certifications(pool, 5)
+    result = await certsync("worker", "--once", env=cli_env(database_url, sandbox.url))
+    assert result.exit_code == 0, result.output
+    assert "delivered: 5" in result.stdout
+    assert len(puts(sandbox)) == 5
+    assert await outbox_statuses(pool) == {"delivered": 5}
+
+
+async def test_worker_once_with_the_flag_off_sends_nothing_and_says_how_many_wait(
+    pool: Pool, database_url: str, sandbox: SandboxServer
+) -> None:
+    await seed_certifications(pool, 4)
+    env = cli_env(database_url, sandbox.url, CERTSYNC_DYNAMICS_SYNC_ENABLED="false")
+    result = await certsync("worker", "--once", env=env)
+    assert result.exit_code == 0, result.output
+    assert "sync is off" in result.stdout
+    assert "4 events wait" in result.stdout
+    assert puts(sandbox) == []
+    assert await outbox_statuses(pool) == {"waiting": 4}
+
+
+async def test_worker_once_with_the_circuit_open_says_how_many_events_wait_and_exits_0(
+    pool: Pool, database_url: str, sandbox: SandboxServer
+) -> None:
+    sandbox.sandbox.load_faults(FaultScript(steps=(FaultStep(status=503, times=None, scope="put"),)))
+    await seed_certifications(pool, 10)
+    result = await certsync("worker", "--once", "--concurrency", "1", env=cli_env(database_url, sandbox.url))
+    assert result.exit_code == 0, result.output
+    # Three failed calls open the circuit: the event being tried is queued, the other nine wait.
+    assert "circuit is open" in result.stdout
+    assert "9 events wait" in result.stdout
+    assert await outbox_statuses(pool) == {"queued": 1, "waiting": 9}
