@@ -158,10 +158,13 @@ class Runtime:
     def certifications(self) -> CertificationRepository:
         return CertificationRepository(self.pool, clock=self.clock, zone=self.settings.zone)
 
+    def outbox(self) -> Outbox:
+        return Outbox(self.pool, worker_id())
+
     def worker(self, options: WorkerOptions | None = None, *, listen: bool = True) -> SyncWorker:
         return SyncWorker(
             pool=self.pool,
-            outbox=Outbox(self.pool, worker_id()),
+            outbox=self.outbox(),
             # With the flag off no client is built (none need be configured) and nothing is sent.
             service=self.sync_service() if self.settings.sync_enabled else None,
             clock=self.clock,

@@ -40,6 +40,13 @@ class Settings(BaseSettings):
 
     http_timeout: float = Field(default=10.0, gt=0.0, le=600.0)
 
+    worker_lease_seconds: float = Field(
+        default=60.0,
+        ge=1.0,
+        le=3600.0,
+        description="how long a claim lives without a heartbeat: a dead worker's events wait this long",
+    )
+
     timezone: str = Field(
         default="Europe/Oslo", description="where 'today' is decided: expiry and public listing"
     )

@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from certsync.sandbox.faults import FaultScript, Latency
@@ -42,11 +44,11 @@ def start_worker(
     """Starts ``python -m certsync worker ARGS`` against this test's database and sandbox."""
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(*args: str) -> subprocess.Popen[bytes]:
+    def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = (tmp_path / f"worker-{len(started)}.log").open("wb")
         process = subprocess.Popen(
             [sys.executable, "-m", "certsync", "worker", *args],
-            env={**os.environ, **cli_env(database_url, sandbox.url)},
+            env={**os.environ, **cli_env(database_url, sandbox.url), **(env or {})},
             cwd=tmp_path,  # no stray .env
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -86,7 +88,8 @@ async def test_a_worker_killed_mid_delivery_loses_nothing_and_a_second_worker_fi
     pool: Pool, sandbox: SandboxServer, start_worker: Callable[..., subprocess.Popen[bytes]]
 ) -> None:
     certs = await seed_certifications(pool, 40)
-    first = start_worker("--concurrency", "8")
+    # A short lease, so the dead worker's claims are rescued by a real expiry, not by hand.
+    first = start_worker("--concurrency", "8", env={"CERTSYNC_WORKER_LEASE_SECONDS": "2"})
     await wait_until(pool, lambda s: s.get("delivered", 0) >= 8 and s.get("in_flight", 0) > 0)
 
     first.send_signal(signal.SIGKILL)
@@ -96,12 +99,8 @@ async def test_a_worker_killed_mid_delivery_loses_nothing_and_a_second_worker_fi
     assert statuses.get("in_flight", 0) > 0, "the kill should land while deliveries are in flight"
     # Changes keep coming while no worker runs.
     await set_status(pool, certs[:5], "suspended")
-    # The dead worker's claims stay theirs until the lease (60 s) runs out; let it run out now.
-    async with pool.connection() as conn:
-        await conn.execute(
-            "update public.certification_sync_events set lease_until = now() - interval '1 second'"
-            " where status = 'in_flight'"
-        )
+    # The dead worker's claims stay theirs until their lease runs out.
+    await asyncio.sleep(2.5)
 
     second = start_worker("--once", "--concurrency", "8")
     assert second.wait(timeout=60) == 0
@@ -127,3 +126,27 @@ async def test_sigterm_stops_a_running_worker_promptly_and_hands_back_what_it_he
     statuses = await outbox_statuses(pool)
     assert "in_flight" not in statuses
     assert statuses.get("delivered", 0) + statuses.get("waiting", 0) == 40
+
+
+async def test_metrics_port_serves_prometheus_metrics_while_the_worker_runs(
+    pool: Pool, start_worker: Callable[..., subprocess.Popen[bytes]]
+) -> None:
+    await seed_certifications(pool, 3)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    worker = start_worker("--metrics-port", str(port))
+    await wait_until(pool, lambda s: s.get("delivered", 0) == 3)
+    body = ""
+    async with httpx.AsyncClient(timeout=2.0) as http:
+        for _ in range(100):
+            try:
+                body = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+                break
+            except httpx.TransportError:
+                await asyncio.sleep(0.1)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=15) == 0
+    assert "certsync_breaker_state" in body, body[:2000]
+    assert "certsync_outbox_events" in body
+    assert "certsync_worker_events" in body

@@ -16,8 +16,9 @@ import typer
 
 from certsync import app as composition
 from certsync.cli._common import cli, fail, load_settings, out, run
+from certsync.metrics import start_worker_metrics
 from certsync.resilience.breaker import CircuitState
-from certsync.store.outbox import Outbox, OutboxDepth
+from certsync.store.outbox import OutboxDepth
 from certsync.worker import WorkerOptions, WorkerStats
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -70,16 +71,26 @@ def worker(
     concurrency: Annotated[
         int, typer.Option(help="Certifications delivered at the same time (Dynamics allows 52 per user).")
     ] = WorkerOptions().concurrency,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve Prometheus metrics on this port (0.0.0.0) while the worker runs."),
+    ] = None,
 ) -> None:
     """Deliver certification status changes to Dynamics until SIGTERM/SIGINT (graceful)."""
     if concurrency < 1:
         fail(2, f"--concurrency must be at least 1, not {concurrency}")
+    if metrics_port is not None and not 0 < metrics_port < 65536:
+        fail(2, f"--metrics-port must be a TCP port (1-65535), not {metrics_port}")
     settings = load_settings()
-    options = WorkerOptions(concurrency=concurrency)
+    options = WorkerOptions(
+        concurrency=concurrency,
+        lease_seconds=settings.worker_lease_seconds,
+        heartbeat_seconds=max(0.5, settings.worker_lease_seconds / 4),
+    )
 
     async def work() -> None:
         async with composition.open_runtime(settings, max_pool_size=concurrency + 4) as rt:
-            outbox = Outbox(rt.pool, composition.worker_id())
+            outbox = rt.outbox()
             sync_worker = rt.worker(options)
             if not settings.sync_enabled:
                 depth = await outbox.depth()
@@ -92,8 +103,13 @@ def worker(
                     f"Delivering to {settings.dynamics_base_url} (concurrency {concurrency}); Ctrl+C stops."
                 )
             stop = asyncio.Event()
-            with stop_on_signals(stop):
-                stats = await sync_worker.run(stop, once=once)
+            metrics = start_worker_metrics(metrics_port, rt, sync_worker) if metrics_port else None
+            try:
+                with stop_on_signals(stop):
+                    stats = await sync_worker.run(stop, once=once)
+            finally:
+                if metrics is not None:
+                    metrics.stop()
             if not settings.sync_enabled:
                 return
             _print_summary(stats)
