@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Literal
 from zoneinfo import ZoneInfo
 
@@ -18,6 +19,7 @@ from pydantic import ValidationError
 
 from certsync.dynamics.contract import CertificationState, CertificationUpsert
 from certsync.dynamics.sync_service import DeliveryFailure, HLFDynamicsSyncService, Outcome
+from certsync.resilience.breaker import CircuitState
 from certsync.resilience.clock import Clock
 from certsync.store.retry_queue import RetryQueue
 
@@ -37,6 +39,7 @@ class ReplayResult:
 @dataclass(slots=True)
 class ReplaySummary:
     results: dict[str, int] = field(default_factory=dict)
+    stopped_because: str | None = None
 
     def add(self, result: ReplayResult) -> None:
         self.results[result.status] = self.results.get(result.status, 0) + 1
@@ -124,14 +127,31 @@ class ReplayService:
         by: str,
         on_result: Callable[[ReplayResult], None] | None = None,
     ) -> ReplaySummary:
-        """Replay every entry with ``status`` (default: pending), streamed a page at a time."""
+        """Replay every entry with ``status`` (default: pending), streamed a page at a time.
+
+        Stops when the circuit is open: every further replay would fail at once without a request and
+        only raise its entry's replay count. What was not replayed stays as it was.
+        """
         summary = ReplaySummary()
         async for row in self._queue.iterate(status=status or "pending"):
+            if (retry_at := await self._circuit_open_until()) is not None:
+                summary.stopped_because = (
+                    f"the circuit is open until {retry_at.isoformat(timespec='seconds')}"
+                )
+                log.warning("replay_stopped_circuit_open", retry_at=retry_at.isoformat())
+                break
             result = await self.replay(int(row["id"]), by=by)
             summary.add(result)
             if on_result is not None:
                 on_result(result)
         return summary
+
+    async def _circuit_open_until(self) -> datetime | None:
+        snapshot = await self._service.breaker.snapshot()
+        if snapshot.state is not CircuitState.OPEN:
+            return None
+        probe_at = snapshot.next_probe_at(self._service.breaker.cooldown)
+        return probe_at if probe_at is not None and probe_at > self._clock.now() else None
 
     async def _unreplayable(
         self, sink: _ReplaySink, entry: dict[str, object], entry_id: int, reason: str

@@ -223,3 +223,30 @@ async def test_replaying_ten_thousand_entries_runs_in_bounded_memory(
     # Loading every row first would cost ``all_at_once`` by itself: the streamed peak stays under half.
     print(f"replay_all peak {peak / 1e6:.2f} MB; all rows at once {all_at_once / 1e6:.2f} MB")
     assert peak < all_at_once / 2
+
+
+async def test_bulk_replay_stops_while_the_circuit_is_open_and_leaves_the_rest_unchanged(
+    pool: Pool, runtime: Runtime, sandbox: SandboxServer
+) -> None:
+    for _ in range(3):
+        await failed_delivery_keep(pool, runtime, sandbox)
+    for _ in range(runtime.settings.breaker_failure_threshold):
+        await runtime.breaker.record_failure("portal down")  # another worker saw the portal fail
+    before = len(puts(sandbox))
+
+    summary = await runtime.replay_service().replay_all(status="pending", by=OPERATOR)
+
+    assert summary.total == 0
+    assert summary.stopped_because is not None
+    assert "circuit is open" in summary.stopped_because
+    assert len(puts(sandbox)) == before  # no request was sent
+    rows = await runtime.queue.list_entries(status="pending")
+    assert len(rows) == 3
+    assert all(r["replay_count"] == 0 for r in rows)
+
+
+async def failed_delivery_keep(pool: Pool, runtime: Runtime, sandbox: SandboxServer) -> None:
+    """One more failed delivery, leaving earlier entries in place."""
+    portal_answers(sandbox, 503)
+    await seed_certifications(pool, 1)
+    await runtime.worker(FAST).run(once=True)

@@ -190,19 +190,11 @@ async def matching_entries(
     limit: int,
 ) -> AsyncIterator[dict[str, Any]]:
     """Newest first, at most ``limit`` (0: all), a page at a time."""
-    if certification_id is not None:
-        # ``iterate`` pages by status and operation only; one certification has a handful of entries.
-        for row in await queue.list_entries(
-            status=status,
-            operation_type=operation_type,
-            certification_id=certification_id,
-            limit=limit or sys.maxsize,
-        ):
-            yield row
-        return
     page_size = min(limit, PAGE_SIZE) if limit else PAGE_SIZE
     taken = 0
-    rows = queue.iterate(status=status, operation_type=operation_type, page_size=page_size)
+    rows = queue.iterate(
+        status=status, operation_type=operation_type, certification_id=certification_id, page_size=page_size
+    )
     async with contextlib.aclosing(rows):  # type: ignore[type-var]
         async for row in rows:
             yield row
@@ -360,7 +352,9 @@ def replay(
     summary = run(work)
     counted = ", ".join(f"{count} {status}" for status, count in sorted(summary.results.items()))
     out.print(f"Replay by {escape(who)}: {counted or 'nothing to replay'}.")
-    if summary.failed:
+    if summary.stopped_because:
+        out.print(f"[yellow]Stopped: {escape(summary.stopped_because)}[/]; the rest wait, unchanged.")
+    if summary.failed or summary.stopped_because:
         raise typer.Exit(1)
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import psycopg
 
-from certsync.store.errors import DatabaseUnavailable, first_line
+from certsync.store.errors import DatabaseUnavailable, SchemaMissing, first_line
 from certsync.store.pool import Pool
 from certsync.store.queries import query
 
@@ -20,3 +20,7 @@ async def fetch(pool: Pool, name: str, params: dict[str, Any]) -> list[dict[str,
             return [dict(r) for r in rows]
     except psycopg.OperationalError as exc:
         raise DatabaseUnavailable(f"database unavailable ({name}): {first_line(exc)}") from exc
+    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction) as exc:
+        raise SchemaMissing(
+            f"the database lacks certsync's schema ({first_line(exc)}): run `certsync migrate`"
+        ) from exc

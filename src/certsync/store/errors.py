@@ -11,6 +11,10 @@ class DatabaseUnavailable(StoreError):
     """The database could not be reached or started (an operational failure, exit code 1)."""
 
 
+class SchemaMissing(StoreError):
+    """The database has not been migrated (an operational failure: run ``certsync migrate``)."""
+
+
 class MigrationError(StoreError):
     """A migration file failed to apply; the message names the file."""
 

@@ -96,13 +96,22 @@ class RetryQueue:
         )
 
     async def iterate(
-        self, *, status: str | None = None, operation_type: str | None = None, page_size: int = 500
+        self,
+        *,
+        status: str | None = None,
+        operation_type: str | None = None,
+        certification_id: UUID | None = None,
+        page_size: int = 500,
     ) -> AsyncIterator[dict[str, Any]]:
         """Every matching entry, newest first, a page at a time (keyset paging: bounded memory)."""
         before: int | None = None
         while True:
             page = await self.list_entries(
-                status=status, operation_type=operation_type, before_id=before, limit=page_size
+                status=status,
+                operation_type=operation_type,
+                certification_id=certification_id,
+                before_id=before,
+                limit=page_size,
             )
             for row in page:
                 yield row
