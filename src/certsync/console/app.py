@@ -44,7 +44,7 @@ from certsync.metrics import (
 from certsync.resilience.clock import Clock, SystemClock
 from certsync.settings import Settings
 from certsync.store.console_queries import SystemStatus
-from certsync.store.errors import DatabaseUnavailable, NotFound, first_line
+from certsync.store.errors import DatabaseUnavailable, NotFound, SchemaMissing, StoreError, first_line
 
 RuntimeFactory = Callable[[], AbstractAsyncContextManager[Runtime]]
 
@@ -190,7 +190,7 @@ def create_console_app(
         status: SystemStatus | None
         try:
             status = await context.service().status()
-        except (DatabaseUnavailable, psycopg.Error):
+        except (StoreError, psycopg.Error):
             status = None
 
         def read() -> SystemStatus:
@@ -270,6 +270,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(NotFound, not_found)
     app.add_exception_handler(Conflict, conflict)
     app.add_exception_handler(DatabaseUnavailable, unavailable)
+    app.add_exception_handler(SchemaMissing, unavailable)
     app.add_exception_handler(ConfigurationError, unavailable)
     app.add_exception_handler(psycopg.Error, database_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
