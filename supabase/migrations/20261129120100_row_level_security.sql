@@ -179,6 +179,17 @@ as $$
   update private.settings set value = to_jsonb(p_enabled) where key = 'access_audit_enabled'
 $$;
 
+-- Persists one `certsync_access_audit` NOTIFY payload (a read made in a read-only transaction), so
+-- that a listener holding the owner's connection can complete the audit table.
+create function private.record_cross_organisation_read(p_payload jsonb) returns void
+language sql volatile security definer set search_path = ''
+as $$
+  insert into private.access_audit (reader_id, certification_id, peer_mentor_id, foreign_organisation_ids)
+  select (p_payload ->> 'reader_id')::uuid, (p_payload ->> 'certification_id')::uuid,
+         (p_payload ->> 'peer_mentor_id')::uuid,
+         array(select pg_catalog.jsonb_array_elements_text(p_payload -> 'foreign_organisation_ids')::uuid)
+$$;
+
 -- The cross-organisation reads recorded since a moment (for operators; not exposed to the API).
 create function private.cross_organisation_reads(p_since timestamptz default now() - interval '7 days')
 returns table (read_at timestamptz, reader_id uuid, certification_id uuid, peer_mentor_id uuid,

@@ -105,6 +105,16 @@ def enable_audit(superuser: Conn) -> None:
     superuser.execute("select private.set_access_audit(true)")
 
 
+def shared_mentor_read(world: TwoOrganisations) -> tuple[Any, ...]:
+    """The audit row for coordinator_a1 reading the shared mentor's certification."""
+    return (
+        world.coordinator_a1,
+        world.cert_shared,
+        world.shared_mentor.peer_mentor_id,
+        [world.organisation_b],
+    )
+
+
 def test_audit_is_off_by_default_and_records_nothing(
     superuser: Conn, api: Conn, world: TwoOrganisations
 ) -> None:
@@ -119,9 +129,7 @@ def test_audit_records_a_cross_organisation_read_and_lists_it(
     enable_audit(superuser)
     with as_user(api, world.coordinator_a1) as c:
         assert visible_certification_ids(c) == {world.cert_a1, world.cert_shared}
-    assert rows(superuser, CROSS_ORGANISATION_READS) == [
-        (world.coordinator_a1, world.cert_shared, world.shared_mentor.peer_mentor_id, [world.organisation_b])
-    ]
+    assert rows(superuser, CROSS_ORGANISATION_READS) == [shared_mentor_read(world)]
 
 
 def test_audit_does_not_record_a_read_within_the_readers_own_organisations(
@@ -151,14 +159,20 @@ def test_audit_does_not_refuse_a_read_in_a_read_only_transaction_as_postgrest_ru
         assert visible_certification_ids(c) == {world.cert_a1, world.cert_shared}
 
 
+def read_only_read_notifications(superuser: Conn, api: Conn, world: TwoOrganisations) -> list[str]:
+    """The audit's NOTIFY payloads after coordinator_a1 reads in a read-only transaction."""
+    superuser.execute("listen certsync_access_audit")
+    with as_user(api, world.coordinator_a1, read_only=True) as c:
+        visible_certification_ids(c)
+    # A list, not a loop over the generator: notifies() holds the connection until it ends.
+    return [n.payload for n in superuser.notifies(timeout=5, stop_after=1)]
+
+
 def test_audit_in_a_read_only_transaction_notifies_listeners_of_the_cross_organisation_read(
     superuser: Conn, api: Conn, world: TwoOrganisations
 ) -> None:
     enable_audit(superuser)
-    superuser.execute("listen certsync_access_audit")
-    with as_user(api, world.coordinator_a1, read_only=True) as c:
-        visible_certification_ids(c)
-    payloads = [json.loads(n.payload) for n in superuser.notifies(timeout=5, stop_after=1)]
+    payloads = [json.loads(p) for p in read_only_read_notifications(superuser, api, world)]
     assert payloads == [
         {
             "reader_id": str(world.coordinator_a1),
@@ -167,6 +181,15 @@ def test_audit_in_a_read_only_transaction_notifies_listeners_of_the_cross_organi
             "foreign_organisation_ids": [str(world.organisation_b)],
         }
     ]
+
+
+def test_a_read_only_reads_notification_recorded_by_a_listener_is_listed(
+    superuser: Conn, api: Conn, world: TwoOrganisations
+) -> None:
+    enable_audit(superuser)
+    for payload in read_only_read_notifications(superuser, api, world):
+        superuser.execute("select private.record_cross_organisation_read(%s)", (payload,))
+    assert rows(superuser, CROSS_ORGANISATION_READS) == [shared_mentor_read(world)]
 
 
 def test_authenticated_cannot_read_the_audit(api: Conn, world: TwoOrganisations) -> None:
