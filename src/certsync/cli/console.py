@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-import uvicorn
 
 from certsync import app as composition
 from certsync.cli._common import cli, fail, load_settings, out
+from certsync.serving import serve
 
 
 @cli.command()
@@ -24,8 +24,13 @@ def console(
         web = create_console_app(lambda: composition.open_runtime(settings), settings)
     except ConsoleConfigurationError as exc:
         fail(2, str(exc))
-    out.print(f"certsync console on [bold]http://{host}:{port}/[/]  (Ctrl+C to stop)")
     try:
-        uvicorn.run(web, host=host, port=port, access_log=False, log_config=None, log_level="warning")
+        serve(
+            web,
+            host,
+            port,
+            lifespan="on",
+            on_listening=lambda url: out.print(f"certsync console on [bold]{url}/[/]  (Ctrl+C to stop)"),
+        )
     except OSError as exc:
         fail(1, f"cannot listen on {host}:{port}: {exc.strerror or exc}")
