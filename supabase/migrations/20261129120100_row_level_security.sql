@@ -44,6 +44,9 @@ as $$
   from public.chapter_memberships mine
   join public.chapter_memberships theirs
     on theirs.chapter_id = mine.chapter_id and theirs.role = 'peer_mentor'
+    -- Separation of duties: a coordinator who is also a mentor does not coordinate themselves (they
+    -- still read their own certification as a mentor, through visible_mentor_ids).
+    and theirs.user_id <> mine.user_id
   join public.peer_mentors pm on pm.user_id = theirs.user_id
   where mine.user_id = (select auth.uid()) and mine.role = 'coordinator'
 $$;

@@ -192,6 +192,18 @@ def test_coordinator_cannot_move_a_certification_to_a_mentor_outside_their_chapt
         )
 
 
+def test_a_coordinator_who_is_also_a_mentor_reads_but_cannot_change_their_own_certification(
+    api: Conn, hierarchy: Hierarchy, world: TwoOrganisations
+) -> None:
+    # Separation of duties: the coordinator of a1 is made a mentor of a1 too.
+    hierarchy.membership(world.coordinator_a1, world.chapter_a1, "peer_mentor")
+    own = hierarchy.certification(hierarchy.peer_mentor(world.coordinator_a1))
+    with as_user(api, world.coordinator_a1) as c:
+        assert own in visible_certification_ids(c)
+        assert touch_certifications(c, {own}) == set()
+        assert touch_certifications(c) == {world.cert_a1, world.cert_shared}
+
+
 # --- changes take effect at once; service_role ----------------------------------------------------
 
 

@@ -55,7 +55,9 @@ class Shape:
 
     def coordinated_certifications(self, user: int) -> set[int]:
         chapters = self.coordinated_chapters(user)
-        mentors = {u for (u, ch, role) in self.memberships if role == "peer_mentor" and ch in chapters}
+        mentors = {
+            u for (u, ch, role) in self.memberships if role == "peer_mentor" and ch in chapters and u != user
+        }
         return {i for i, owner in enumerate(self.certifications) if owner in mentors}
 
     def visible_certifications(self, user: int) -> set[int]:
