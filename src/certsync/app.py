@@ -27,6 +27,7 @@ from certsync.resilience.clock import Clock, Sleep, SystemClock, real_sleep
 from certsync.resilience.gate import SendGate
 from certsync.resilience.retry import RetryPolicy
 from certsync.settings import Settings
+from certsync.store.audit import AccessAuditRecorder
 from certsync.store.breaker_state import PostgresBreakerStore
 from certsync.store.certifications import CertificationRepository
 from certsync.store.embedded import embedded_database_url
@@ -171,6 +172,7 @@ class Runtime:
             sleep=self.sleep,
             zone=self.settings.zone,
             listener=OutboxListener(self.database_url) if listen else None,
+            companions=(AccessAuditRecorder(self.database_url),) if listen else (),
             options=options,
         )
 

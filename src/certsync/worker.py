@@ -39,6 +39,12 @@ class Listener(Protocol):
     async def run(self, wake: asyncio.Event, stop: asyncio.Event) -> None: ...
 
 
+class Companion(Protocol):
+    """Background work that lives as long as the worker (``AccessAuditRecorder``)."""
+
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerOptions:
     # Dataverse allows 52 concurrent requests per user; stay well inside it by default.
@@ -112,6 +118,7 @@ class SyncWorker:
         sleep: Sleep,
         zone: ZoneInfo,
         listener: Listener | None = None,
+        companions: tuple[Companion, ...] = (),
         options: WorkerOptions | None = None,
         on_progress: Callable[[WorkerStats], None] | None = None,
     ) -> None:
@@ -122,6 +129,7 @@ class SyncWorker:
         self._sleep = sleep
         self._zone = zone
         self._listener = listener
+        self._companions = companions
         self._wake = asyncio.Event()
         self._options = options or WorkerOptions()
         self._on_progress = on_progress
@@ -132,40 +140,46 @@ class SyncWorker:
     async def run(self, stop: asyncio.Event | None = None, *, once: bool = False) -> WorkerStats:
         """Deliver until ``stop`` is set; with ``once``, until nothing more is due now, then return."""
         stop = stop or asyncio.Event()
-        if self._service is None:
-            log.warning("dynamics_sync_disabled", hint="CERTSYNC_DYNAMICS_SYNC_ENABLED=false: changes wait")
-            if not once:
-                await stop.wait()
-            return self.stats
-        background = [asyncio.create_task(self._heartbeat(stop), name="lease-heartbeat")]
-        if self._listener is not None:
-            background.append(
-                asyncio.create_task(self._listener.run(self._wake, stop), name="outbox-listener")
-            )
-        outage_backoff = 0.5
+        background = [asyncio.create_task(c.run(stop), name=type(c).__name__) for c in self._companions]
         try:
-            while not stop.is_set():
-                try:
-                    claimed = await self._tick()
-                    outage_backoff = 0.5
-                except DatabaseUnavailable as exc:
-                    self.stats.database_outages += 1
-                    log.error("database_unavailable", error=str(exc), retry_in=outage_backoff)
-                    await self._wait_for_work(stop, outage_backoff)
-                    outage_backoff = min(outage_backoff * 2, 30.0)
-                    continue
-                if self._on_progress is not None:
-                    self._on_progress(self.stats)
-                if once and claimed == 0 and not self._tasks:
-                    break
-                if claimed == 0 or len(self._tasks) >= self._options.concurrency:
-                    await self._wait_for_work(stop, await self._idle_seconds())
+            if self._service is None:
+                log.warning(
+                    "dynamics_sync_disabled", hint="CERTSYNC_DYNAMICS_SYNC_ENABLED=false: changes wait"
+                )
+                if not once:
+                    await stop.wait()
+                return self.stats
+            background.append(asyncio.create_task(self._heartbeat(stop), name="lease-heartbeat"))
+            if self._listener is not None:
+                background.append(
+                    asyncio.create_task(self._listener.run(self._wake, stop), name="outbox-listener")
+                )
+            await self._deliver_until(stop, once=once)
         finally:
             await self._drain(stop)
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
         return self.stats
+
+    async def _deliver_until(self, stop: asyncio.Event, *, once: bool) -> None:
+        outage_backoff = 0.5
+        while not stop.is_set():
+            try:
+                claimed = await self._tick()
+                outage_backoff = 0.5
+            except DatabaseUnavailable as exc:
+                self.stats.database_outages += 1
+                log.error("database_unavailable", error=str(exc), retry_in=outage_backoff)
+                await self._wait_for_work(stop, outage_backoff)
+                outage_backoff = min(outage_backoff * 2, 30.0)
+                continue
+            if self._on_progress is not None:
+                self._on_progress(self.stats)
+            if once and claimed == 0 and not self._tasks:
+                return
+            if claimed == 0 or len(self._tasks) >= self._options.concurrency:
+                await self._wait_for_work(stop, await self._idle_seconds())
 
     @property
     def _sync(self) -> HLFDynamicsSyncService:

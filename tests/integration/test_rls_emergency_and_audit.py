@@ -7,6 +7,7 @@ cross-organisation read.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -14,6 +15,7 @@ import psycopg
 import pytest
 from psycopg import errors
 
+from certsync.store.audit import AccessAuditRecorder
 from tests.support.rls import (
     Hierarchy,
     TwoOrganisations,
@@ -195,3 +197,23 @@ def test_a_read_only_reads_notification_recorded_by_a_listener_is_listed(
 def test_authenticated_cannot_read_the_audit(api: Conn, world: TwoOrganisations) -> None:
     with pytest.raises(errors.InsufficientPrivilege), as_user(api, world.coordinator_a1) as c:
         c.execute(CROSS_ORGANISATION_READS)
+
+
+async def test_the_workers_audit_recorder_persists_a_read_only_cross_organisation_read(
+    superuser: Conn, api: Conn, world: TwoOrganisations, database_url: str
+) -> None:
+    enable_audit(superuser)
+    recorder = AccessAuditRecorder(database_url)
+    stop = asyncio.Event()
+    task = asyncio.create_task(recorder.run(stop))
+    try:
+        for _ in range(100):  # until the recorder is listening
+            await asyncio.sleep(0.05)
+            with as_user(api, world.coordinator_a1, read_only=True) as c:
+                visible_certification_ids(c)
+            if recorder.recorded:
+                break
+    finally:
+        stop.set()
+        await task
+    assert rows(superuser, CROSS_ORGANISATION_READS)[0] == shared_mentor_read(world)
