@@ -178,8 +178,16 @@ class SyncWorker:
                 self._on_progress(self.stats)
             if once and claimed == 0 and not self._tasks:
                 return
-            if claimed == 0 or len(self._tasks) >= self._options.concurrency:
+            if claimed == 0 or self._free_slots() < self._claim_batch():
                 await self._wait_for_work(stop, await self._idle_seconds())
+
+    def _free_slots(self) -> int:
+        return self._options.concurrency - len(self._tasks)
+
+    def _claim_batch(self) -> int:
+        """Claim again once a quarter of the slots are free, not after every single delivery: one
+        claim query per delivery would cost as much as the delivery itself at high rates."""
+        return max(1, self._options.concurrency // 4)
 
     @property
     def _sync(self) -> HLFDynamicsSyncService:

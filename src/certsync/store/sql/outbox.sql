@@ -10,17 +10,27 @@ returning id;
 
 -- name: claim_due_events
 -- Claims the newest waiting event of up to %(limit)s certifications and supersedes the older ones.
--- Candidates are certifications (oldest due first); all of a candidate's waiting events are locked
+-- Candidates are the certifications of the oldest due events; all of a candidate's waiting events are locked
 -- with SKIP LOCKED, and it is taken only when every one of them was locked here (no other worker is
 -- claiming it at this moment) and none of its events is in flight. FOR UPDATE re-checks each row's
 -- latest version, so an event another worker has just claimed is never taken twice; the unique
 -- index on in-flight events is the last guard.
-with candidates as (
+with due as (
+  -- A bounded walk of the waiting index, oldest first: the cost of a claim does not grow with the
+  -- backlog (grouping every waiting event cost 5.5 ms per claim at 20k).
   select e.certification_id
   from public.certification_sync_events e
   where e.status = 'waiting' and e.available_at <= %(now)s
-  group by e.certification_id
-  order by min(e.available_at), e.certification_id
+  order by e.available_at, e.id
+  limit %(scan)s * 4
+),
+candidates as materialized (
+  -- One claimer per certification: a transaction-scoped advisory lock, tried before any row lock.
+  -- Without it, claimers scanning in the same order split a certification's rows between them
+  -- (SKIP LOCKED) and every one of them gives the certification up.
+  select d.certification_id
+  from (select distinct due.certification_id from due) d
+  where pg_try_advisory_xact_lock(hashtextextended(d.certification_id::text, 0))
   limit %(scan)s
 ),
 locked as (
