@@ -281,3 +281,15 @@ async def test_retries_cut_short_when_another_worker_opens_the_circuit_are_queue
     assert outcome.queue_status == "pending"
     assert outcome.reason == "circuit opened after 1 attempt(s); last: HTTP 503 Service Unavailable"
     assert h.service.breaker is h.breaker
+
+
+@respx.mock
+async def test_429s_pause_sending_but_never_open_the_circuit() -> None:
+    h = Harness(threshold=1)
+    put_route(
+        respx.mock, *[httpx.Response(429, headers={"Retry-After": "1"})] * 3, httpx.Response(200, json={})
+    )
+    outcome = await h.service.deliver(upsert(), operation_type="certification.status_changed")
+    assert outcome.outcome is Outcome.DELIVERED
+    assert await h.state() is CircuitState.CLOSED
+    assert h.clock.sleeps == [1.0, 1.0, 1.0]

@@ -3,7 +3,8 @@
 One operation, one ``for`` loop::
 
     attempt 1 ── ok ─────────────────────────────────────────────▶ delivered
-       │ transient (408/429/5xx/timeout/connection)  → breaker.record_failure, sleep RetryPolicy delay
+       │ transient (408/5xx/timeout/connection)       → breaker.record_failure, sleep RetryPolicy delay
+       │ 429                                          → pause ALL sending for Retry-After; not an outage
        │ permanent 4xx                                → sink: requires_investigation (no retry)
        │ circuit open before attempt 1                → held (or queued, by the caller's choice)
        │ circuit opens (this or another operation)    → sink: pending ("circuit opened …")
@@ -131,15 +132,10 @@ class HLFDynamicsSyncService:
         reason = "not attempted"
         for retry_number in range(self._policy.max_attempts):
             if retry_number > 0:
-                retry_after = last.retry_after if isinstance(last, TransientDynamicsError) else None
-                delay = self._policy.delay_before_retry(retry_number, retry_after)
-                if delay is None:
-                    cap = self._policy.max_retry_after
-                    reason = f"{reason}; Retry-After {retry_after:.0f}s exceeds the {cap:.0f}s cap"
-                    bound.warning("retry_abandoned_retry_after_too_long", retry_after=retry_after)
+                abandoned = await self._wait_before_retry(retry_number, last, reason, bound)
+                if abandoned is not None:
+                    reason = abandoned
                     break
-                bound.info("retry_scheduled", retry=retry_number, delay=delay, after=reason)
-                await self._sleep(delay)
             await self._gate.wait()
             try:
                 await self._breaker.before_call()
@@ -168,12 +164,18 @@ class HLFDynamicsSyncService:
                     attempts=attempts,
                     status="requires_investigation",
                 )
+            except RateLimitedError as exc:
+                # A 429 is the portal healthy and asking us to slow down: everything pauses for its
+                # Retry-After (SendGate); it is not an outage, so it does not count toward opening the
+                # circuit (three 429s would otherwise stop all delivery for a whole cool-down).
+                last, reason = exc, exc.reason
+                self._log_attempt(bound, attempts, started, error=exc)
+                self._gate.pause_for(exc.retry_after or self._policy.base_delay, reason=exc.reason)
+                continue
             except (TransientDynamicsError, AuthenticationError) as exc:
                 last, reason = exc, exc.reason
                 transition = await self._breaker.record_failure(exc.reason)
                 self._log_attempt(bound, attempts, started, error=exc)
-                if isinstance(exc, RateLimitedError):
-                    self._gate.pause_for(exc.retry_after or self._policy.base_delay, reason=exc.reason)
                 if transition is not None and transition.new is CircuitState.OPEN:
                     # This failure opened the circuit: no retry can go before the cool-down ends.
                     reason = f"circuit opened after {attempts} attempt(s); last: {reason}"
@@ -187,6 +189,24 @@ class HLFDynamicsSyncService:
         return await self._record(
             failures, request, operation_type, reason=reason, attempts=attempts, status="pending"
         )
+
+    async def _wait_before_retry(
+        self,
+        retry_number: int,
+        last: DynamicsError | None,
+        reason: str,
+        bound: structlog.typing.FilteringBoundLogger,
+    ) -> str | None:
+        """Sleep the policy's delay (or the portal's Retry-After); the reason to give up instead, if any."""
+        retry_after = last.retry_after if isinstance(last, TransientDynamicsError) else None
+        delay = self._policy.delay_before_retry(retry_number, retry_after)
+        if delay is None:
+            cap = self._policy.max_retry_after
+            bound.warning("retry_abandoned_retry_after_too_long", retry_after=retry_after)
+            return f"{reason}; Retry-After {retry_after:.0f}s exceeds the {cap:.0f}s cap"
+        bound.info("retry_scheduled", retry=retry_number, delay=delay, after=reason)
+        await self._sleep(delay)
+        return None
 
     async def _record(
         self,
