@@ -70,7 +70,9 @@ def breaker_for(pool: Pool, settings: Settings, clock: Clock) -> DynamicsCircuit
     """The one breaker every worker shares, its state in PostgreSQL."""
     return DynamicsCircuitBreaker(
         DYNAMICS_BREAKER,
-        PostgresBreakerStore(pool),
+        # A healthy delivery skips the breaker's two round trips for a second at a time; an outage
+        # seen by another worker reaches this one at most that much later.
+        PostgresBreakerStore(pool, closed_cache_seconds=1.0),
         clock,
         failure_threshold=settings.breaker_failure_threshold,
         cooldown=settings.breaker_cooldown,

@@ -381,3 +381,40 @@ async def test_database_failures_are_raised_as_database_unavailable(
         await acquire(store, clock)
     with pytest.raises(DatabaseUnavailable):
         await store.record_failure(NAME, clock.now(), THRESHOLD, "HTTP 503")
+
+
+# --- the closed-state cache (one process skipping round trips while it knows the breaker is clean) ---
+
+
+async def test_a_cached_store_notices_a_circuit_another_worker_opened_once_its_cache_lapses(
+    pool: Pool, second_pool: Pool, clock: ManualClock
+) -> None:
+    cached = PostgresBreakerStore(pool, closed_cache_seconds=1.0)
+    await cached.record_success(NAME, clock.now())  # seen closed and clean
+    await open_circuit(PostgresBreakerStore(second_pool), clock)  # another worker's outage
+
+    assert (await acquire(cached, clock)).allowed  # still within the cache: no query was made
+    clock.advance(1.0)
+    denied = await acquire(cached, clock)
+    assert not denied.allowed
+    assert denied.state is CircuitState.OPEN
+
+
+async def test_a_failure_recorded_by_the_cached_store_is_never_hidden_by_its_cache(
+    pool: Pool, clock: ManualClock
+) -> None:
+    cached = PostgresBreakerStore(pool, closed_cache_seconds=60.0)
+    await cached.record_success(NAME, clock.now())
+    for _ in range(THRESHOLD):
+        await cached.record_failure(NAME, clock.now(), THRESHOLD, "HTTP 503")
+    assert not (await acquire(cached, clock)).allowed
+    assert (await cached.snapshot(NAME, clock.now())).state is CircuitState.OPEN
+
+
+async def test_a_store_without_a_cache_sees_another_workers_outage_at_once(
+    pool: Pool, second_pool: Pool, clock: ManualClock
+) -> None:
+    uncached = PostgresBreakerStore(pool)
+    await uncached.record_success(NAME, clock.now())
+    await open_circuit(PostgresBreakerStore(second_pool), clock)
+    assert not (await acquire(uncached, clock)).allowed

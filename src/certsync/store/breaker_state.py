@@ -30,10 +30,23 @@ _ALLOWED_CLOSED = Permit(allowed=True, state=CircuitState.CLOSED)
 
 
 class PostgresBreakerStore:
-    """Breaker state shared through PostgreSQL. Raises ``DatabaseUnavailable`` when it cannot reach it."""
+    """Breaker state shared through PostgreSQL. Raises ``DatabaseUnavailable`` when it cannot reach it.
 
-    def __init__(self, pool: Pool) -> None:
+    ``closed_cache_seconds`` (0: off, every call asks the database) lets a process that has just seen
+    the breaker closed and clean skip the two round trips a healthy delivery would otherwise cost
+    (``try_acquire`` and ``record_success``) for that long. The price: a circuit another worker opens
+    is noticed here up to that much later, and a success here does not reset another worker's fresh
+    failure count during it. Any failure this process records drops the cache at once.
+    """
+
+    def __init__(self, pool: Pool, *, closed_cache_seconds: float = 0.0) -> None:
         self._pool = pool
+        self._cache_for = timedelta(seconds=closed_cache_seconds)
+        self._seen_clean_at: dict[str, datetime] = {}
+
+    def _fresh(self, name: str, now: datetime) -> bool:
+        seen = self._seen_clean_at.get(name)
+        return seen is not None and timedelta(0) <= now - seen < self._cache_for
 
     async def snapshot(self, name: str, now: datetime) -> BreakerSnapshot:
         rows = await fetch(self._pool, "breaker_snapshot", {"name": name, "now": now})
@@ -42,6 +55,8 @@ class PostgresBreakerStore:
     async def try_acquire(
         self, name: str, now: datetime, cooldown: timedelta, probe_lease: timedelta
     ) -> Permit:
+        if self._fresh(name, now):
+            return _ALLOWED_CLOSED
         rows = await fetch(
             self._pool,
             "breaker_try_acquire",
@@ -55,12 +70,18 @@ class PostgresBreakerStore:
         return denied_permit(snapshot_from_row(row), cooldown)
 
     async def record_success(self, name: str, now: datetime) -> Transition | None:
+        if self._fresh(name, now):
+            return None
         rows = await fetch(self._pool, "breaker_record_success", {"name": name, "now": now})
+        if self._cache_for:
+            # After this statement the breaker is closed and clean, whatever it was before.
+            self._seen_clean_at[name] = now
         return success_transition(CircuitState(rows[0]["old_state"])) if rows else None
 
     async def record_failure(
         self, name: str, now: datetime, threshold: int, reason: str
     ) -> Transition | None:
+        self._seen_clean_at.pop(name, None)
         rows = await fetch(
             self._pool,
             "breaker_record_failure",
@@ -72,6 +93,7 @@ class PostgresBreakerStore:
         return failure_transition(CircuitState(row["old_state"]), snapshot_from_row(row), reason)
 
     async def reset(self, name: str, now: datetime) -> Transition | None:
+        self._seen_clean_at.pop(name, None)
         rows = await fetch(self._pool, "breaker_reset", {"name": name})
         return reset_transition(CircuitState(rows[0]["old_state"])) if rows else None
 

@@ -32,8 +32,10 @@ async def open_pool(
         open=False,
         kwargs={"row_factory": dict_row, "autocommit": False},
         connection_class=AsyncConnection[dict[str, object]],
-        check=AsyncConnectionPool.check_connection,
         name="certsync",
+        # A checkout waits this long for a connection before the caller hears the database is down
+        # (psycopg_pool's default of 30 s would hide a short outage from the worker's logs).
+        timeout=connect_timeout,
     )
     try:
         await pool.open(wait=True, timeout=connect_timeout)
