@@ -88,11 +88,10 @@ class ReplayService:
         entry = await self._queue.get(entry_id)
         if entry["status"] not in ("pending", "requires_investigation"):
             return ReplayResult(entry_id, "skipped", 0, f"already {entry['status']}")
-        sink = _ReplaySink(self._queue, entry_id, by, self._clock)
         certification_id = entry["certification_id"]
         state = await self._queue.current_state(certification_id) if certification_id else None
         if state is None:
-            return await self._unreplayable(sink, entry, entry_id, "the certification no longer exists")
+            return await self._unreplayable(entry_id, by, "the certification no longer exists")
         try:
             request = CertificationUpsert.for_state(
                 uuid.uuid4(),  # a new request: what it carries may differ from the failed one
@@ -101,9 +100,12 @@ class ReplayService:
                 self._clock.now().astimezone(self._zone).date(),
             )
         except ValidationError as exc:
-            return await self._unreplayable(sink, entry, entry_id, f"state does not fit contract v1: {exc}")
+            return await self._unreplayable(entry_id, by, f"state does not fit contract v1: {exc}")
         outcome = await self._service.deliver(
-            request, operation_type=entry["operation_type"], sink=sink, when_open="queue"
+            request,
+            operation_type=entry["operation_type"],
+            sink=_ReplaySink(self._queue, entry_id, by, self._clock),
+            when_open="queue",
         )
         if outcome.outcome is Outcome.DELIVERED:
             await self._queue.record_replay_outcome(
@@ -133,14 +135,16 @@ class ReplayService:
         only raise its entry's replay count. What was not replayed stays as it was.
         """
         summary = ReplaySummary()
+        check_circuit = True  # before the first replay, then only after one that failed
         async for row in self._queue.iterate(status=status or "pending"):
-            if (retry_at := await self._circuit_open_until()) is not None:
+            if check_circuit and (retry_at := await self._circuit_open_until()) is not None:
                 summary.stopped_because = (
                     f"the circuit is open until {retry_at.isoformat(timespec='seconds')}"
                 )
                 log.warning("replay_stopped_circuit_open", retry_at=retry_at.isoformat())
                 break
             result = await self.replay(int(row["id"]), by=by)
+            check_circuit = result.status != "replayed"
             summary.add(result)
             if on_result is not None:
                 on_result(result)
@@ -153,18 +157,16 @@ class ReplayService:
         probe_at = snapshot.next_probe_at(self._service.breaker.cooldown)
         return probe_at if probe_at is not None and probe_at > self._clock.now() else None
 
-    async def _unreplayable(
-        self, sink: _ReplaySink, entry: dict[str, object], entry_id: int, reason: str
-    ) -> ReplayResult:
-        await sink.record(
-            DeliveryFailure(
-                operation_type=str(entry["operation_type"]),
-                certification_id=entry["certification_id"],  # type: ignore[arg-type]
-                event_id=uuid.uuid4(),
-                payload=dict(entry["payload_json"]),  # type: ignore[call-overload]
-                failure_reason=reason,
-                attempt_count=0,
-                status="requires_investigation",
-            )
+    async def _unreplayable(self, entry_id: int, by: str, reason: str) -> ReplayResult:
+        """Nothing can be sent: kept for investigation, its payload left exactly as it was written."""
+        await self._queue.record_replay_outcome(
+            entry_id,
+            status="requires_investigation",
+            failure_reason=reason,
+            attempts=0,
+            by=by,
+            now=self._clock.now(),
+            payload_json=None,
         )
+        log.warning("replay_impossible", entry_id=entry_id, reason=reason)
         return ReplayResult(entry_id, "requires_investigation", 0, reason)

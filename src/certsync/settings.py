@@ -6,6 +6,8 @@ import sys
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -68,6 +70,24 @@ class Settings(BaseSettings):
     )
     console_session_hours: float = Field(default=8.0, gt=0.0, le=24.0 * 30)
     console_secure_cookies: bool = Field(default=False, description="set when served over HTTPS")
+
+    @field_validator("database_url")
+    @classmethod
+    def _parsable_database_url(cls, value: str | None) -> str | None:
+        # Parsing does no I/O; a typo is bad configuration (exit 2), not an unreachable database.
+        if value is not None:
+            try:
+                conninfo_to_dict(value)
+            except psycopg.ProgrammingError:
+                raise ValueError("not a PostgreSQL connection string or URL") from None
+        return value
+
+    @field_validator("dynamics_token", "dynamics_client_secret", "dynamics_signing_secret")
+    @classmethod
+    def _not_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("must not be empty (unset it instead)")
+        return value
 
     @field_validator("timezone")
     @classmethod

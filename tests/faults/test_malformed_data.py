@@ -113,13 +113,6 @@ async def test_an_outbox_event_whose_state_no_longer_fits_is_kept_for_investigat
     await assert_every_event_has_a_home(pool)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="bug: replay.py:164 ReplayService._unreplayable does dict(entry['payload_json']), which raises"
-    " for a payload that is not a JSON object: `certsync queue replay ID` crashes with a traceback instead of"
-    " keeping the entry as requires_investigation",
-)
 async def test_replaying_an_entry_whose_payload_is_not_an_object_and_whose_certification_is_gone_keeps_it(
     pool: Pool, database_url: str, sandbox: SandboxServer
 ) -> None:

@@ -178,16 +178,19 @@ class OutboxListener:
 
     async def run(self, wake: asyncio.Event, stop: asyncio.Event) -> None:
         """Set ``wake`` on every notification until ``stop`` is set (or the task is cancelled)."""
-        backoff = 0.5
+        backoff, lost = 0.5, False
         while not stop.is_set():
             try:
                 async with await psycopg.AsyncConnection.connect(self._dsn, autocommit=True) as conn:
                     await conn.execute(f"listen {NOTIFY_CHANNEL}")
-                    backoff = 0.5
+                    if backoff > 0.5 or lost:
+                        log.info("outbox_listener_reconnected")
+                    backoff, lost = 0.5, False
                     while not stop.is_set():
                         async for _ in conn.notifies(timeout=1.0):
                             wake.set()
             except psycopg.Error as exc:
+                lost = True
                 log.warning("outbox_listener_lost", error=first_line(exc), retry_in=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
