@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import structlog
 
 from certsync.store.pool import Pool, open_pool
 from tests.support.databases import (
@@ -14,6 +15,14 @@ from tests.support.databases import (
     drop_database,
     unique_name,
 )
+
+
+@pytest.fixture(autouse=True)
+def _isolated_logging() -> Iterator[None]:
+    """Each test starts from structlog's defaults; a command that configured it cannot leak out."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture(scope="session")

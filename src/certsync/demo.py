@@ -217,6 +217,7 @@ async def run_demo(settings: Settings, log_dir: Path, step: Step) -> DemoReport:
     log_file = log_dir / "certsync-demo.log"
     await asyncio.to_thread(log_dir.mkdir, parents=True, exist_ok=True)
     report.log_file = str(log_file)
+    previous_logging = structlog.get_config()
     handle = _configure_demo_logging(report, log_file)
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -245,6 +246,7 @@ async def run_demo(settings: Settings, log_dir: Path, step: Step) -> DemoReport:
             report.portal_requests = sum(1 for r in portal.sandbox.requests() if r.method == "PUT")
     finally:
         report.seconds = loop.time() - started
+        structlog.configure(**previous_logging)
         handle.close()
     return report
 

@@ -41,8 +41,8 @@ async def test_insert_by_plain_sql_is_captured_as_a_created_event(pool: Pool) ->
         "peer_mentor_id": event["state"]["peer_mentor_id"],  # type: ignore[index]
         "certification_type": "peer_mentor",
         "status": "active",
-        "valid_from": "2026-01-01",
-        "valid_until": "2027-01-01",
+        "valid_from": "2020-01-01",
+        "valid_until": "2099-01-01",
         "version": 1,
     }
 

@@ -10,11 +10,12 @@ import sys
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TextIO
 
 import pytest
 
 from certsync.app import Runtime, open_runtime
+from certsync.logs import configure_logging
 from certsync.sandbox.faults import FaultScript, FaultStep
 from certsync.sandbox.server import SandboxServer
 from certsync.sandbox.state import SandboxConfig
@@ -139,6 +140,12 @@ ENTRIES = 10_000
 
 
 @pytest.fixture
+def devnull() -> Iterator[TextIO]:
+    with open(os.devnull, "w") as sink:
+        yield sink
+
+
+@pytest.fixture
 def sandbox_process(tmp_path: Any) -> Iterator[str]:
     """The sandbox in its own process, so that what it stores is not traced as the replay's memory."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "CERTSYNC_LOG_LEVEL": "error"}
@@ -201,9 +208,13 @@ async def traced_bytes_of_all_entries(queue: RetryQueue) -> int:
 
 @pytest.mark.slow
 async def test_replaying_ten_thousand_entries_runs_in_bounded_memory(
-    pool: Pool, database_url: str, sandbox_process: str
+    pool: Pool, database_url: str, sandbox_process: str, devnull: TextIO
 ) -> None:
     await seed_pending_entries(pool, ENTRIES)
+    # Production's JSON logging, written to /dev/null: pytest's in-memory capture of 10k replays' log
+    # lines would otherwise be measured too (and structlog's development renderer, which imports
+    # Rich's traceback machinery on the first warning, is not what runs in production).
+    configure_logging("json", "info", stream=devnull)
     settings = settings_for(database_url, SimpleNamespace(url=sandbox_process))  # type: ignore[arg-type]
     async with open_runtime(settings) as runtime:
         all_at_once = await traced_bytes_of_all_entries(runtime.queue)
