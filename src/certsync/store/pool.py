@@ -33,6 +33,9 @@ async def open_pool(
         kwargs={"row_factory": dict_row, "autocommit": False},
         connection_class=AsyncConnection[dict[str, object]],
         name="certsync",
+        # One round trip per checkout, but a connection killed by a database restart is replaced
+        # before anyone uses it, instead of failing the first statement of every pooled connection.
+        check=AsyncConnectionPool.check_connection,
         # A checkout waits this long for a connection before the caller hears the database is down
         # (psycopg_pool's default of 30 s would hide a short outage from the worker's logs).
         timeout=connect_timeout,
