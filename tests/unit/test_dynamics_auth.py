@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from urllib.parse import parse_qs
 
 import httpx
@@ -28,17 +27,6 @@ def granted(token: str, expires_in: int = 3599) -> httpx.Response:
 @pytest.fixture
 def router() -> respx.Router:
     return respx.Router(assert_all_called=False)
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-@pytest.fixture
-async def http(router: respx.Router) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.MockTransport(router.async_handler)) as client:
-        yield client
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from email.utils import format_datetime
 from uuid import UUID
@@ -72,17 +72,6 @@ class RotatingTokens:
 @pytest.fixture
 def router() -> respx.Router:
     return respx.Router(base_url=BASE, assert_all_called=False)
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-@pytest.fixture
-async def http(router: respx.Router) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.MockTransport(router.async_handler)) as client:
-        yield client
 
 
 @pytest.fixture
