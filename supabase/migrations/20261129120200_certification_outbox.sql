@@ -50,15 +50,26 @@ as $$
 $$;
 
 -- security definer: coordinators change certifications through RLS, but the outbox is not theirs
--- to read or write; the trigger writes it on their behalf.
-create function private.capture_certification_inserts() returns trigger
+-- to read or write; the trigger writes it on their behalf. One function for both triggers: only
+-- the rows it reads differ (an insert has no old_rows, and plpgsql plans each branch when it runs).
+create function private.capture_certification_changes() returns trigger
 language plpgsql security definer
 set search_path = ''
 as $$
 begin
-  insert into public.certification_sync_events (certification_id, certification_version, operation_type, state)
-  select n.id, n.version, 'certification.created', private.certification_sync_state(n)
-  from new_rows n;
+  if tg_op = 'INSERT' then
+    insert into public.certification_sync_events (certification_id, certification_version, operation_type, state)
+    select n.id, n.version, 'certification.created', private.certification_sync_state(n)
+    from new_rows n;
+  else
+    insert into public.certification_sync_events (certification_id, certification_version, operation_type, state)
+    select n.id, n.version,
+           case when o.status is distinct from n.status then 'certification.status_changed'
+                else 'certification.updated' end,
+           private.certification_sync_state(n)
+    from new_rows n
+    join old_rows o on o.id = n.id;
+  end if;
   if found then
     perform pg_notify('certsync_outbox', '');
   end if;
@@ -66,37 +77,18 @@ begin
 end
 $$;
 
-create function private.capture_certification_updates() returns trigger
-language plpgsql security definer
-set search_path = ''
-as $$
-begin
-  insert into public.certification_sync_events (certification_id, certification_version, operation_type, state)
-  select n.id, n.version,
-         case when o.status is distinct from n.status then 'certification.status_changed'
-              else 'certification.updated' end,
-         private.certification_sync_state(n)
-  from new_rows n
-  join old_rows o on o.id = n.id;
-  if found then
-    perform pg_notify('certsync_outbox', '');
-  end if;
-  return null;
-end
-$$;
-
-revoke all on function private.capture_certification_inserts(), private.capture_certification_updates(),
+revoke all on function private.capture_certification_changes(),
   private.certification_sync_state(public.certifications) from public, anon, authenticated;
 
 create trigger certifications_capture_inserts
   after insert on public.certifications
   referencing new table as new_rows
-  for each statement execute function private.capture_certification_inserts();
+  for each statement execute function private.capture_certification_changes();
 
 create trigger certifications_capture_updates
   after update on public.certifications
   referencing old table as old_rows new table as new_rows
-  for each statement execute function private.capture_certification_updates();
+  for each statement execute function private.capture_certification_changes();
 
 alter table public.certification_sync_events enable row level security;
 revoke all on public.certification_sync_events from anon, authenticated;
