@@ -33,8 +33,8 @@ from certsync.store.certifications import CertificationRepository
 from certsync.store.embedded import embedded_database_url
 from certsync.store.outbox import Outbox, OutboxListener
 from certsync.store.pool import Pool, open_pool
-from certsync.store.retry_queue import NewRetryEntry, RetryQueue
-from certsync.worker import SyncWorker, WorkerOptions
+from certsync.store.retry_queue import RetryQueue
+from certsync.worker import SyncWorker, WorkerOptions, retry_entry_for
 
 
 class ConfigurationError(Exception):
@@ -187,18 +187,7 @@ class RetryQueueSink:
         self._clock = clock
 
     async def record(self, failure: DeliveryFailure) -> None:
-        await self._queue.add(
-            NewRetryEntry(
-                operation_type=failure.operation_type,
-                certification_id=failure.certification_id,
-                event_id=None,
-                payload_json=dict(failure.payload),
-                failure_reason=failure.failure_reason,
-                attempt_count=failure.attempt_count,
-                status=failure.status,
-            ),
-            self._clock.now(),
-        )
+        await self._queue.add(retry_entry_for(failure, None), self._clock.now())
 
 
 @asynccontextmanager

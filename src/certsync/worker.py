@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Protocol
+from uuid import UUID
 from zoneinfo import ZoneInfo
 
 import structlog
@@ -74,6 +75,19 @@ class WorkerStats:
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
+def retry_entry_for(failure: DeliveryFailure, event_id: UUID | None) -> NewRetryEntry:
+    """The retry-queue row that keeps a failed delivery (``event_id``: the outbox event, if any)."""
+    return NewRetryEntry(
+        operation_type=failure.operation_type,
+        certification_id=failure.certification_id,
+        event_id=event_id,
+        payload_json=dict(failure.payload),
+        failure_reason=failure.failure_reason,
+        attempt_count=failure.attempt_count,
+        status=failure.status,
+    )
+
+
 class OutboxFailureSink:
     """Records a failed delivery by closing its outbox event and writing the retry row together."""
 
@@ -84,15 +98,7 @@ class OutboxFailureSink:
         self.lost_claim = False
 
     async def record(self, failure: DeliveryFailure) -> None:
-        entry = NewRetryEntry(
-            operation_type=failure.operation_type,
-            certification_id=failure.certification_id,
-            event_id=self._event.id,
-            payload_json=dict(failure.payload),
-            failure_reason=failure.failure_reason,
-            attempt_count=failure.attempt_count,
-            status=failure.status,
-        )
+        entry = retry_entry_for(failure, self._event.id)
         if await self._outbox.mark_queued(self._event, self._clock.now(), entry) is None:
             # Our claim was rescued by another worker while we were retrying: theirs decides.
             self.lost_claim = True
