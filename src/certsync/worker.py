@@ -171,8 +171,18 @@ class SyncWorker:
     async def _deliver_until(self, stop: asyncio.Event, *, once: bool) -> None:
         outage_backoff = 0.5
         while not stop.is_set():
+            # Every database call of an iteration sits inside this one ``try``: an outage met while
+            # deciding how long to idle (the breaker snapshot) must be ridden out like one met while
+            # claiming, never end the loop.
             try:
                 claimed = await self._tick()
+                if self._on_progress is not None:
+                    self._on_progress(self.stats)
+                if once and claimed == 0 and not self._tasks:
+                    return
+                idle: float | None = None
+                if claimed == 0 or self._free_slots() < self._claim_batch():
+                    idle = await self._idle_seconds()
                 outage_backoff = 0.5
             except DatabaseUnavailable as exc:
                 self.stats.database_outages += 1
@@ -180,12 +190,8 @@ class SyncWorker:
                 await self._wait_for_work(stop, outage_backoff)
                 outage_backoff = min(outage_backoff * 2, 30.0)
                 continue
-            if self._on_progress is not None:
-                self._on_progress(self.stats)
-            if once and claimed == 0 and not self._tasks:
-                return
-            if claimed == 0 or self._free_slots() < self._claim_batch():
-                await self._wait_for_work(stop, await self._idle_seconds())
+            if idle is not None:
+                await self._wait_for_work(stop, idle)
 
     def _free_slots(self) -> int:
         return self._options.concurrency - len(self._tasks)

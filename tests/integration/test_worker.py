@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+import dataclasses
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import datetime
 from typing import Any
 
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from certsync.app import Runtime, open_runtime
+from certsync.resilience.breaker import (
+    DYNAMICS_BREAKER,
+    BreakerSnapshot,
+    BreakerStore,
+    DynamicsCircuitBreaker,
+)
 from certsync.sandbox.faults import FaultScript, FaultStep
 from certsync.sandbox.server import SandboxServer
 from certsync.sandbox.state import DEFAULT_TOKEN, SandboxConfig
 from certsync.settings import Settings
+from certsync.store.breaker_state import PostgresBreakerStore
+from certsync.store.errors import DatabaseUnavailable
 from certsync.store.pool import Pool
 from certsync.worker import WorkerOptions
+from tests.support.databases import database_outage
 from tests.support.seed import outbox_statuses, seed_certifications, set_status
 
 pytestmark = pytest.mark.integration
@@ -151,3 +163,73 @@ async def test_two_workers_deliver_every_certification_exactly_once(
     assert sum(r.delivered for r in results) == 120
     paths = sorted(r.path for r in puts(sandbox))
     assert paths == sorted(f"/api/v1/certifications/{c}" for c in certs)
+
+
+class IdleSnapshotOutage:
+    """A breaker store whose every second snapshot fails, ``failures`` times: with nothing to claim the
+    worker reads the breaker twice per turn (may it claim? how long may it idle?), so the failing read
+    is always the second one, the one that decides the idle time."""
+
+    def __init__(self, inner: BreakerStore, failures: int) -> None:
+        self._inner = inner
+        self.failures_left = failures
+        self._calls = 0
+
+    async def snapshot(self, name: str, now: datetime) -> BreakerSnapshot:
+        self._calls += 1
+        if self._calls % 2 == 0 and self.failures_left > 0:
+            self.failures_left -= 1
+            raise DatabaseUnavailable("database unavailable (breaker_snapshot): terminating connection")
+        return await self._inner.snapshot(name, now)
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(self._inner, attribute)
+
+
+async def test_an_outage_met_while_deciding_how_long_to_idle_is_ridden_out(
+    pool: Pool, runtime: Runtime
+) -> None:
+    # The CI failure this pins: the idle decision's breaker read sat outside the loop's outage
+    # handling, so an outage starting between a claim and that read ended the worker.
+    store = IdleSnapshotOutage(PostgresBreakerStore(pool), failures=3)
+    breaker = DynamicsCircuitBreaker(DYNAMICS_BREAKER, store, runtime.clock)  # type: ignore[arg-type]
+    worker = dataclasses.replace(runtime, breaker=breaker).worker(FAST, listen=False)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    await wait_until(lambda: store.failures_left == 0 or task.done(), "three failed idle decisions")
+    assert not task.done(), f"the worker ended on an outage: {task.exception()!r}"
+    await seed_certifications(pool, 5)
+    await wait_until(lambda: worker.stats.delivered == 5, "the changes made after the outage")
+    assert not task.done(), "the worker must keep running through the outage"
+    stop.set()
+    stats = await task
+    assert stats.database_outages == 3
+
+
+@pytest.mark.slow
+async def test_the_worker_rides_out_an_outage_of_its_database_and_loses_nothing(
+    pool: Pool, runtime: Runtime, pg_admin_url: str, database_url: str, sandbox: SandboxServer
+) -> None:
+    certs = await seed_certifications(pool, 20)
+    worker = runtime.worker(FAST, listen=False)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    await wait_until(lambda: worker.stats.delivered == 20, "the first deliveries")
+    with database_outage(pg_admin_url, conninfo_to_dict(database_url)["dbname"]):  # type: ignore[arg-type]
+        # A pool checkout waits 10 s for a connection before the worker hears the database is down.
+        await wait_until(lambda: worker.stats.database_outages >= 1, "the worker to notice the outage", 30)
+        assert not task.done(), "the worker must keep running through the outage"
+    await set_status(pool, certs, "revoked")
+    await wait_until(lambda: worker.stats.delivered == 40, "the changes made after the outage")
+    stop.set()
+    await task
+    assert await outbox_statuses(pool) == {"delivered": 40}
+    assert sandbox.sandbox.public_listing() == []
+
+
+async def wait_until(condition: Callable[[], bool], what: str, seconds: float = 20.0) -> None:
+    for _ in range(int(seconds / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail(f"timed out after {seconds:.0f} s waiting for {what}")

@@ -7,8 +7,10 @@ embedded server (pgserver) is started in the user cache directory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import platformdirs
@@ -69,3 +71,24 @@ def create_migrated_template(admin: str) -> str:
 
     asyncio.run(apply())
     return name
+
+
+@contextlib.contextmanager
+def database_outage(admin: str, name: str) -> Iterator[None]:
+    """Take one database down for the duration: its sessions are cut and new connections refused.
+
+    ``allow_connections = false`` refuses superusers too, so this is an outage of this database alone,
+    with the driver's real errors, while the shared server keeps serving everyone else.
+    """
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("alter database {} allow_connections false").format(sql.Identifier(name)))
+        conn.execute(
+            "select pg_terminate_backend(pid) from pg_stat_activity"
+            " where datname = %s and pid <> pg_backend_pid()",
+            (name,),
+        )
+    try:
+        yield
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(sql.SQL("alter database {} allow_connections true").format(sql.Identifier(name)))
