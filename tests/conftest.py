@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -19,8 +20,13 @@ from tests.support.databases import (
 
 @pytest.fixture(autouse=True)
 def _isolated_logging() -> Iterator[None]:
-    """Each test starts from structlog's defaults; a command that configured it cannot leak out."""
+    """Each test starts from structlog's defaults; a command that configured it cannot leak out.
+
+    Debug lines (the sandbox's one per request) are dropped, so a failing test's captured output shows
+    what the code under test said rather than hundreds of request lines.
+    """
     structlog.reset_defaults()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
     yield
     structlog.reset_defaults()
 

@@ -393,14 +393,31 @@ class WorkerProcesses:
         return parsed
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    item.stash.setdefault(_FAILED, False)
+    if report.failed:
+        item.stash[_FAILED] = True
+    return report
+
+
+_FAILED = pytest.StashKey[bool]()
+
+
 @pytest.fixture
-def workers(tmp_path: Path) -> Iterator[WorkerProcesses]:
+def workers(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[WorkerProcesses]:
     processes = WorkerProcesses(tmp_path)
     yield processes
     for process in processes.started:
         if process.poll() is None:
             process.kill()
             process.wait()
+    if request.node.stash.get(_FAILED, False):
+        # The workers' own account of a failed test: shown by pytest as this fixture's teardown output.
+        for path in processes.logs:
+            tail = path.read_text(errors="replace").splitlines()[-40:]
+            print(f"--- last {len(tail)} lines of {path}", *tail, sep="\n")
 
 
 async def wait_for(condition: Callable[[], Awaitable[bool]], seconds: float, what: str) -> None:
