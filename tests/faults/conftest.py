@@ -305,6 +305,14 @@ class PrivateServer:
 
         pgserver.pg_ctl(list(args), pgdata=self.server.pgdata, user=self.server.system_user, timeout=30)
 
+    def running(self) -> bool:
+        """Whether a postmaster serves this data directory (``pg_ctl status``)."""
+        try:
+            self._pg_ctl("status")
+        except subprocess.CalledProcessError:
+            return False
+        return True
+
     def stop(self) -> None:
         """Fast shutdown: every connection is cut, as when the database host restarts."""
         self._pg_ctl("-w", "-m", "fast", "stop")
@@ -326,7 +334,12 @@ def private_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Private
         import pgserver
 
         server = pgserver.get_server(tmp_path_factory.mktemp("pg") / "data", cleanup_mode="delete")
-    yield PrivateServer(server, str(server.get_uri()))
+    private = PrivateServer(server, str(server.get_uri()))
+    yield private
+    # pgserver's cleanup stops only the postmaster it started itself; after a stop() and start() here that
+    # one is gone, so cleanup would skip the stop and delete the data directory under the running one.
+    if private.running():
+        private.stop()
     server.cleanup()
 
 
