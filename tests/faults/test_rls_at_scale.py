@@ -18,15 +18,17 @@ from hypothesis import strategies as st
 from psycopg import sql
 
 from tests.integration import test_rls_property as rule
-from tests.integration.test_rls_lint import EXPOSED_SCHEMAS
-from tests.integration.test_rls_property import ROLES, Shape, build
 from tests.support.rls import (
+    EXPOSED_SCHEMAS,
+    ROLES,
     Hierarchy,
     MembershipRole,
+    Shape,
     TwoOrganisations,
     acting_as,
     api_fixture,  # noqa: F401 (fixture)
     as_user,
+    build,
     hierarchy_fixture,  # noqa: F401 (fixture)
     ids,
     insert_certification,

@@ -12,6 +12,7 @@ import psycopg
 import pytest
 
 from tests.support.rls import (
+    EXPOSED_SCHEMAS,
     rows,
     superuser_fixture,  # noqa: F401 (fixture)
 )
@@ -19,9 +20,6 @@ from tests.support.rls import (
 pytestmark = pytest.mark.integration
 
 Conn = psycopg.Connection[Any]
-
-# The schemas PostgREST serves (Supabase's default "Exposed schemas": public, graphql_public).
-EXPOSED_SCHEMAS = ["public", "graphql_public"]
 
 # Lookups the `private` helpers make (SQL function bodies record no column dependencies, so these are
 # listed by hand): memberships by user and by chapter, mentors by user, chapters by organisation.

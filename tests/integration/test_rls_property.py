@@ -1,5 +1,5 @@
 """Row-level security as a property: for random hierarchies, what each user sees and changes is exactly
-what the rule defines, computed here in Python from the generated hierarchy.
+what the rule defines, computed in Python from the generated hierarchy (``Shape``, tests/support/rls.py).
 
 The rule: a user sees the certifications of their own ``peer_mentors`` row, and sees and changes those
 of every peer mentor holding a ``peer_mentor`` membership in a chapter where the user holds a
@@ -8,9 +8,7 @@ of every peer mentor holding a ``peer_mentor`` membership in a chapter where the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
-from uuid import UUID
 
 import psycopg
 import pytest
@@ -18,10 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support.rls import (
+    ROLES,
     Hierarchy,
-    MembershipRole,
+    Shape,
     api_fixture,  # noqa: F401 (fixture)
     as_user,
+    build,
     hierarchy_fixture,  # noqa: F401 (fixture)
     ids,
     superuser_fixture,  # noqa: F401 (fixture)
@@ -37,38 +37,6 @@ Conn = psycopg.Connection[Any]
 DB_SETTINGS = settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-ROLES: tuple[MembershipRole, ...] = ("coordinator", "peer_mentor")
-
-
-@dataclass(frozen=True, slots=True)
-class Shape:
-    """A hierarchy by index: chapter i belongs to organisation ``chapter_orgs[i]``; users are 0..n-1."""
-
-    chapter_orgs: tuple[int, ...]
-    users: int
-    memberships: frozenset[tuple[int, int, MembershipRole]]  # (user, chapter, role)
-    mentors: frozenset[int]  # users with a peer_mentors row
-    certifications: tuple[int, ...]  # one entry per certification: the mentor's user index
-
-    def coordinated_chapters(self, user: int) -> set[int]:
-        return {ch for (u, ch, role) in self.memberships if u == user and role == "coordinator"}
-
-    def coordinated_certifications(self, user: int) -> set[int]:
-        chapters = self.coordinated_chapters(user)
-        mentors = {
-            u for (u, ch, role) in self.memberships if role == "peer_mentor" and ch in chapters and u != user
-        }
-        return {i for i, owner in enumerate(self.certifications) if owner in mentors}
-
-    def visible_certifications(self, user: int) -> set[int]:
-        own = {i for i, owner in enumerate(self.certifications) if owner == user}
-        return own | self.coordinated_certifications(user)
-
-    def visible_chapters(self, user: int) -> set[int]:
-        return {ch for (u, ch, _) in self.memberships if u == user}
-
-    def visible_organisations(self, user: int) -> set[int]:
-        return {self.chapter_orgs[ch] for ch in self.visible_chapters(user)}
 
 
 @st.composite
@@ -88,31 +56,6 @@ def shapes(draw: st.DrawFn) -> Shape:
     mentors = draw(st.frozensets(st.integers(0, users - 1)))
     certifications = tuple(draw(st.lists(st.sampled_from(sorted(mentors)), max_size=10))) if mentors else ()
     return Shape(chapter_orgs, users, memberships, mentors, certifications)
-
-
-@dataclass(frozen=True, slots=True)
-class Built:
-    """The ids the database gave to a shape's rows, by the shape's indexes."""
-
-    organisations: tuple[UUID, ...]
-    chapters: tuple[UUID, ...]
-    users: tuple[UUID, ...]
-    certifications: tuple[UUID, ...]
-
-    def certification_ids(self, indexes: set[int]) -> set[UUID]:
-        return {self.certifications[i] for i in indexes}
-
-
-def build(h: Hierarchy, shape: Shape) -> Built:
-    h.empty()
-    organisations = tuple(h.organisation() for _ in range(max(shape.chapter_orgs) + 1))
-    chapters = tuple(h.chapter(organisations[o]) for o in shape.chapter_orgs)
-    users = tuple(h.user() for _ in range(shape.users))
-    for user, chapter, role in sorted(shape.memberships):
-        h.membership(users[user], chapters[chapter], role)
-    mentor_ids = {u: h.peer_mentor(users[u]) for u in sorted(shape.mentors)}
-    certifications = tuple(h.certification(mentor_ids[u]) for u in shape.certifications)
-    return Built(organisations, chapters, users, certifications)
 
 
 @DB_SETTINGS

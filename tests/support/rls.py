@@ -24,6 +24,9 @@ from psycopg import sql
 ApiRole = Literal["anon", "authenticated", "service_role"]
 MembershipRole = Literal["coordinator", "peer_mentor"]
 
+# The schemas PostgREST serves (Supabase's default "Exposed schemas": public, graphql_public).
+EXPOSED_SCHEMAS = ["public", "graphql_public"]
+
 # Every table the RLS tests build rows in, children first, so one TRUNCATE empties a database.
 HIERARCHY_TABLES = (
     "public.certifications",
@@ -245,6 +248,67 @@ def build_two_organisations(h: Hierarchy) -> TwoOrganisations:
         cert_b1=h.certification(mentor_b1.peer_mentor_id),
         cert_shared=h.certification(shared.peer_mentor_id),
     )
+
+
+# Hierarchies by index (the property tests generate them) ------------------------------------------------
+
+ROLES: tuple[MembershipRole, ...] = ("coordinator", "peer_mentor")
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """A hierarchy by index: chapter i belongs to organisation ``chapter_orgs[i]``; users are 0..n-1."""
+
+    chapter_orgs: tuple[int, ...]
+    users: int
+    memberships: frozenset[tuple[int, int, MembershipRole]]  # (user, chapter, role)
+    mentors: frozenset[int]  # users with a peer_mentors row
+    certifications: tuple[int, ...]  # one entry per certification: the mentor's user index
+
+    def coordinated_chapters(self, user: int) -> set[int]:
+        return {ch for (u, ch, role) in self.memberships if u == user and role == "coordinator"}
+
+    def coordinated_certifications(self, user: int) -> set[int]:
+        chapters = self.coordinated_chapters(user)
+        mentors = {
+            u for (u, ch, role) in self.memberships if role == "peer_mentor" and ch in chapters and u != user
+        }
+        return {i for i, owner in enumerate(self.certifications) if owner in mentors}
+
+    def visible_certifications(self, user: int) -> set[int]:
+        own = {i for i, owner in enumerate(self.certifications) if owner == user}
+        return own | self.coordinated_certifications(user)
+
+    def visible_chapters(self, user: int) -> set[int]:
+        return {ch for (u, ch, _) in self.memberships if u == user}
+
+    def visible_organisations(self, user: int) -> set[int]:
+        return {self.chapter_orgs[ch] for ch in self.visible_chapters(user)}
+
+
+@dataclass(frozen=True, slots=True)
+class Built:
+    """The ids the database gave to a shape's rows, by the shape's indexes."""
+
+    organisations: tuple[UUID, ...]
+    chapters: tuple[UUID, ...]
+    users: tuple[UUID, ...]
+    certifications: tuple[UUID, ...]
+
+    def certification_ids(self, indexes: set[int]) -> set[UUID]:
+        return {self.certifications[i] for i in indexes}
+
+
+def build(h: Hierarchy, shape: Shape) -> Built:
+    h.empty()
+    organisations = tuple(h.organisation() for _ in range(max(shape.chapter_orgs) + 1))
+    chapters = tuple(h.chapter(organisations[o]) for o in shape.chapter_orgs)
+    users = tuple(h.user() for _ in range(shape.users))
+    for user, chapter, role in sorted(shape.memberships):
+        h.membership(users[user], chapters[chapter], role)
+    mentor_ids = {u: h.peer_mentor(users[u]) for u in sorted(shape.mentors)}
+    certifications = tuple(h.certification(mentor_ids[u]) for u in shape.certifications)
+    return Built(organisations, chapters, users, certifications)
 
 
 @pytest.fixture(name="superuser")
