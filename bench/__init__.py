@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from certsync.sandbox.faults import FaultScript
-from certsync.sandbox.state import DEFAULT_TOKEN
 from certsync.settings import Settings
 
 DATABASE_ENV = "CERTSYNC_TEST_DATABASE_URL"
@@ -59,13 +58,9 @@ def fresh_database(options: Options, prefix: str = "certsync_bench") -> Iterator
 
 def certsync_settings(database_url: str, portal: str, **overrides: Any) -> Settings:
     """Settings as a deployment against ``portal`` would have them (JSON logs, static sandbox token)."""
-    values: dict[str, Any] = {
-        "database_url": database_url,
-        "dynamics_base_url": portal,
-        "dynamics_token": DEFAULT_TOKEN,
-        "log_format": "json",
-    }
-    return Settings(_env_file=None, **(values | overrides))  # type: ignore[call-arg]
+    from tests.support.runtime import portal_settings
+
+    return portal_settings(database_url, portal, **overrides)
 
 
 # --- the sandbox portal, in its own process so that it does not share our GIL ----------------------

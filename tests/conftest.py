@@ -1,4 +1,5 @@
-"""Shared fixtures: a real PostgreSQL database per test, cloned from a migrated template."""
+"""Shared fixtures: a real PostgreSQL database per test, cloned from a migrated template, and the
+sandbox portal on a free loopback port."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import structlog
 
+from certsync.sandbox.server import SandboxServer
+from certsync.sandbox.state import SandboxConfig
 from certsync.store.pool import Pool, open_pool
 from tests.support.databases import (
     admin_url,
@@ -57,3 +60,10 @@ async def pool(database_url: str) -> AsyncIterator[Pool]:
     p = await open_pool(database_url, max_size=4)
     yield p
     await p.close()
+
+
+@pytest.fixture
+def sandbox() -> Iterator[SandboxServer]:
+    """The sandbox portal (certsync.sandbox) on a free loopback port, with no faults loaded."""
+    with SandboxServer(SandboxConfig()) as server:
+        yield server

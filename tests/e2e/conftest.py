@@ -13,10 +13,7 @@ from certsync.app import open_runtime
 from certsync.console import create_console_app
 from certsync.sandbox.server import SandboxServer
 from certsync.serving import BackgroundServer
-from tests.integration.test_console_api import console_settings
-from tests.integration.test_worker import sandbox
-
-__all__ = ["sandbox"]
+from tests.support.console import console_settings
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

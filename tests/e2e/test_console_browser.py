@@ -15,14 +15,14 @@ from certsync.app import Runtime, open_runtime
 from certsync.sandbox.server import SandboxServer
 from certsync.store.pool import Pool
 from tests.e2e.conftest import ARTIFACTS
-from tests.integration.test_console_api import (
+from tests.support.console import (
     PASSWORD,
     USERNAME,
     console_settings,
     failed_deliveries,
     portal_answers,
 )
-from tests.integration.test_worker import FAST
+from tests.support.runtime import FAST
 from tests.support.seed import seed_certifications
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

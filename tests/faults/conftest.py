@@ -15,7 +15,6 @@ Scale comes from the environment (see README.md): ``CERTSYNC_FAULT_KILLS``, ``CE
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import os
@@ -23,10 +22,9 @@ import random
 import signal
 import subprocess
 import sys
-import time
 import uuid
 import warnings
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +40,7 @@ from certsync.sandbox.faults import FaultScript, Latency
 from certsync.sandbox.server import SandboxServer
 from certsync.sandbox.state import DEFAULT_CLIENT_SECRET, DEFAULT_TOKEN, SandboxConfig
 from certsync.store.pool import Pool
-from tests.integration.test_cli_commands import cli_env
+from tests.support.cli import cli_env
 from tests.support.databases import create_migrated_template, with_dbname
 
 KILLS = int(os.environ.get("CERTSYNC_FAULT_KILLS", "20"))
@@ -431,15 +429,6 @@ def workers(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[WorkerPr
         for path in processes.logs:
             tail = path.read_text(errors="replace").splitlines()[-40:]
             print(f"--- last {len(tail)} lines of {path}", *tail, sep="\n")
-
-
-async def wait_for(condition: Callable[[], Awaitable[bool]], seconds: float, what: str) -> None:
-    """Poll an async ``condition()`` every 50 ms until it is true; fail naming ``what`` after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while not await condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {seconds:.0f} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def drained(pool: Pool) -> bool:

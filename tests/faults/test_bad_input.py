@@ -15,7 +15,7 @@ from typer.testing import Result
 
 from certsync.store.pool import Pool
 from tests.faults.conftest import seed_mentors, table_checksums
-from tests.integration.test_cli_commands import UNREACHABLE_DATABASE, certsync, cli_env
+from tests.support.cli import UNREACHABLE_DATABASE, certsync, cli_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -26,8 +26,8 @@ import pytest
 from certsync.sandbox.server import SandboxServer
 from certsync.sandbox.state import SandboxConfig
 from tests.faults.conftest import STATIC_TOKEN, assert_no_leaks, table_checksums
-from tests.integration.test_cli_commands import cli_env
-from tests.integration.test_console_api import PASSWORD, SESSION_SECRET, TOKEN, USERNAME, csrf_of
+from tests.support.cli import cli_env
+from tests.support.console import PASSWORD, SESSION_SECRET, TOKEN, USERNAME, csrf_of
 from tests.support.databases import create_database, drop_database, unique_name
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -33,9 +33,8 @@ from tests.faults.conftest import (
     assert_nothing_lost,
     personal_data,
     seed_mentors,
-    wait_for,
 )
-from tests.integration.test_worker import settings_for
+from tests.support.runtime import puts, settings_for, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -64,7 +63,7 @@ class FaultRun:
         return await self.runtime.worker(options, listen=False).run(once=True)
 
     def puts(self) -> list[RecordedRequest]:
-        return [r for r in self.portal.sandbox.requests() if r.method == "PUT"]
+        return puts(self.portal)
 
     def logged(self, event: str, **fields: Any) -> list[dict[str, Any]]:
         return [e for e in self.logs.events(event) if all(e.get(k) == v for k, v in fields.items())]
@@ -198,7 +197,8 @@ async def test_an_empty_or_malformed_2xx_body_is_a_delivery_because_any_2xx_is_d
 
         assert run.transport.replaced == 4
         assert (stats.delivered, stats.crashed) == (4, 0)
-        assert len(run.logged("dynamics_attempt", outcome="delivered")) == 4
+        delivered = [e for e in run.logged("dynamics_request", method="PUT") if e.get("status") in (200, 204)]
+        assert len(delivered) == 4
         assert await run.queue() == []
         await run.recover_and_verify()
 
@@ -217,10 +217,10 @@ async def test_an_expired_oauth2_token_is_refetched_once_and_nothing_fails(
         worker = run.runtime.worker(SEVERAL, listen=False)
         running = asyncio.create_task(worker.run(stop))
         await seed_mentors(run.pool, mentors=2)
-        await wait_for(lambda: _delivered(worker, 2), 10, "the first two deliveries")
+        await wait_until(lambda: _delivered(worker, 2), "the first two deliveries", 10, every=0.05)
         assert run.portal.sandbox.expire_tokens() == 1
         await seed_mentors(run.pool, mentors=2)
-        await wait_for(lambda: _delivered(worker, 4), 10, "two more after the token expired")
+        await wait_until(lambda: _delivered(worker, 4), "two more after the token expired", 10, every=0.05)
         stop.set()
         stats = await running
 

@@ -24,12 +24,10 @@ from certsync.domain.certification import InvalidRenewalEntry
 from certsync.sandbox.server import SandboxServer
 from certsync.store.pool import Pool
 from tests.faults.conftest import JsonLogCapture, assert_every_event_has_a_home, seed_mentors, table_checksums
-from tests.integration.test_worker import FAST, sandbox, settings_for
+from tests.support.runtime import FAST, settings_for
 from tests.support.seed import outbox_statuses
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-__all__ = ["sandbox"]  # the worker tests' fixture: the sandbox portal on a free port
 
 
 @pytest.mark.parametrize("not_an_array", ['{"schema_version": 1}', '"renewed"', "1", "true", "null"])

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-import uuid
 from collections import Counter, defaultdict
 from functools import partial
 
@@ -37,32 +36,12 @@ from tests.faults.conftest import (
     outbox_events,
     personal_data,
     seed_mentors,
-    wait_for,
     worker_env,
 )
-from tests.support.seed import outbox_statuses
+from tests.support.runtime import puts, wait_until
+from tests.support.seed import change_some, outbox_statuses
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-async def change_some(pool: Pool, certifications: list[uuid.UUID], rng: random.Random, count: int) -> int:
-    """One plain-SQL statement changing ``count`` random certifications; returns the rows it changed."""
-    if count <= 0:
-        return 0
-    chosen = rng.sample(certifications, min(count, len(certifications)))
-    async with pool.connection() as conn:
-        cur = await conn.execute(
-            "update public.certifications"
-            " set status = case status when 'active' then 'suspended' else 'active' end,"
-            "     valid_until = valid_until + 1"
-            " where id = any(%s)",
-            (chosen,),
-        )
-        return cur.rowcount
-
-
-def put_count(sandbox: SandboxServer) -> int:
-    return sum(1 for r in sandbox.sandbox.requests() if r.method == "PUT")
 
 
 async def test_a_worker_killed_at_random_again_and_again_loses_nothing_and_never_sends_an_older_state(
@@ -81,10 +60,13 @@ async def test_a_worker_killed_at_random_again_and_again_loses_nothing_and_never
     kills_mid_delivery = 0
 
     for _ in range(KILLS):
-        before = put_count(sandbox)
+        before = len(puts(sandbox))
         worker = workers.start(env, "--concurrency", "8")
-        await wait_for(
-            partial(_sent_since, sandbox, before), 60, f"the worker's first delivery (seed {SEED})"
+        await wait_until(
+            partial(_sent_since, sandbox, before),
+            f"the worker's first delivery (seed {SEED})",
+            60,
+            every=0.05,
         )
         changes += await change_some(pool, certifications, rng, per_round // 2)
         await asyncio.sleep(rng.uniform(0.0, 0.6))
@@ -94,7 +76,9 @@ async def test_a_worker_killed_at_random_again_and_again_loses_nothing_and_never
         changes += await change_some(pool, certifications, rng, per_round - per_round // 2)
 
     last = workers.start(env, "--concurrency", "8")
-    await wait_for(lambda: drained(pool), 120, f"the last worker to drain the outbox (seed {SEED})")
+    await wait_until(
+        lambda: drained(pool), f"the last worker to drain the outbox (seed {SEED})", 120, every=0.05
+    )
     assert workers.stop(last) == 0
 
     events = await outbox_events(pool)
@@ -105,7 +89,7 @@ async def test_a_worker_killed_at_random_again_and_again_loses_nothing_and_never
     forbidden = await personal_data(pool) | {STATIC_TOKEN, SIGNING_SECRET}
     assert_no_leaks(workers.lines() + json_logs.lines, forbidden)
     print(
-        f"\nkills={KILLS} mid-delivery={kills_mid_delivery} events={len(events)} puts={put_count(sandbox)}"
+        f"\nkills={KILLS} mid-delivery={kills_mid_delivery} events={len(events)} puts={len(puts(sandbox))}"
         f" duplicates={duplicates} seed={SEED}"
     )
 
@@ -132,4 +116,4 @@ def assert_every_send_is_keyed_by_its_event(sandbox: SandboxServer, events: list
 
 
 async def _sent_since(sandbox: SandboxServer, before: int) -> bool:
-    return put_count(sandbox) > before
+    return len(puts(sandbox)) > before

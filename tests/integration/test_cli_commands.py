@@ -5,61 +5,22 @@ Each command runs in a worker thread (``asyncio.to_thread``) because it starts i
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Iterator
 from datetime import date
 
 import pytest
-from typer.testing import CliRunner, Result
 
 from certsync.app import breaker_for
-from certsync.cli import cli
 from certsync.resilience.clock import SystemClock
 from certsync.sandbox.faults import FaultScript, FaultStep
 from certsync.sandbox.server import SandboxServer
-from certsync.sandbox.state import DEFAULT_TOKEN, SandboxConfig
 from certsync.settings import Settings
 from certsync.store.pool import Pool
-from tests.integration.test_worker import puts
+from tests.support.cli import UNREACHABLE_DATABASE, assert_one_line_error, certsync, cli_env
+from tests.support.runtime import puts
 from tests.support.seed import outbox_statuses, seed_certifications
 
 pytestmark = pytest.mark.integration
-
-UNREACHABLE_DATABASE = "postgresql://postgres@127.0.0.1:1/postgres?connect_timeout=2"
-
-
-def cli_env(database_url: str, base_url: str | None = None, **overrides: str) -> dict[str, str]:
-    """The environment a command runs with: this test's database and, if given, the sandbox."""
-    env = {
-        "CERTSYNC_DATABASE_URL": database_url,
-        "CERTSYNC_LOG_FORMAT": "json",
-        "CERTSYNC_LOG_LEVEL": "warning",
-        "CERTSYNC_RETRY_BASE_DELAY": "0.01",
-        "CERTSYNC_BREAKER_COOLDOWN": "30",
-        "CERTSYNC_DYNAMICS_SYNC_ENABLED": "true" if base_url else "false",
-    }
-    if base_url is not None:
-        env |= {"CERTSYNC_DYNAMICS_BASE_URL": base_url, "CERTSYNC_DYNAMICS_TOKEN": DEFAULT_TOKEN}
-    return env | overrides
-
-
-async def certsync(*args: str, env: dict[str, str]) -> Result:
-    return await asyncio.to_thread(CliRunner().invoke, cli, list(args), env=env)
-
-
-def assert_one_line_error(result: Result) -> None:
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in result.output
-
-
-@pytest.fixture
-def sandbox() -> Iterator[SandboxServer]:
-    with SandboxServer(SandboxConfig()) as server:
-        yield server
-
 
 # Exit codes ----------------------------------------------------------------------------------------------
 

@@ -23,9 +23,9 @@ from certsync.sandbox.server import SandboxServer
 from certsync.sandbox.state import SandboxConfig
 from certsync.store.pool import Pool
 from certsync.store.retry_queue import NewRetryEntry, RetryQueue
-from tests.integration.test_cli_commands import assert_one_line_error, certsync, cli_env
 from tests.integration.test_replay import ENTRIES, seed_pending_entries, traced_bytes_of_all_entries
-from tests.integration.test_worker import puts
+from tests.support.cli import assert_one_line_error, certsync, cli_env
+from tests.support.runtime import puts
 from tests.support.seed import seed_certifications, set_status
 
 pytestmark = pytest.mark.integration

@@ -15,58 +15,30 @@ import pytest
 
 from certsync.app import Runtime, open_runtime
 from certsync.console import ConsoleConfigurationError, create_console_app
-from certsync.sandbox.faults import FaultScript, FaultStep
 from certsync.sandbox.server import SandboxServer
-from certsync.settings import Settings
 from certsync.store.pool import Pool
 from certsync.store.retry_queue import NewRetryEntry
-from tests.integration.test_worker import FAST, sandbox, settings_for
+from tests.support.console import (
+    BASE,
+    BEARER,
+    PASSWORD,
+    SECRETS,
+    TOKEN,
+    USERNAME,
+    console_settings,
+    csrf_of,
+    failed_deliveries,
+    portal_answers,
+)
 from tests.support.databases import create_database, drop_database, unique_name
+from tests.support.runtime import FAST
 from tests.support.seed import seed_certifications
 
 pytestmark = pytest.mark.integration
 
-__all__ = ["sandbox"]  # the worker tests' fixture: the sandbox portal on a free port
-
-TOKEN = "operator-token-for-tests-0123456789"
-USERNAME = "oncall"
-PASSWORD = "correct horse battery staple"
-SESSION_SECRET = "session-secret-for-tests-9876543210"
-SECRETS = (TOKEN, PASSWORD, SESSION_SECRET)
-BEARER = {"Authorization": f"Bearer {TOKEN}"}
-BASE = "http://console.test"
-
-
-def console_settings(database_url: str, sandbox: SandboxServer, **overrides: Any) -> Settings:
-    # A threshold above one operation's four calls keeps the circuit closed unless a test opens it.
-    values: dict[str, Any] = {
-        "breaker_failure_threshold": 50,
-        "console_operator_token": TOKEN,
-        "console_operator_name": "api-robot",
-        "console_username": USERNAME,
-        "console_password": PASSWORD,
-        "console_session_secret": SESSION_SECRET,
-    }
-    values.update(overrides)
-    return settings_for(database_url, sandbox, **values)
-
-
-def portal_answers(sandbox: SandboxServer, status: int | None) -> None:
-    """Every certification PUT answers ``status`` from now on (``None``: the portal has recovered)."""
-    steps = () if status is None else (FaultStep(status=status, times=None, scope="put"),)
-    sandbox.sandbox.load_faults(FaultScript(steps=steps))
-
-
-async def failed_deliveries(
-    pool: Pool, runtime: Runtime, sandbox: SandboxServer, count: int = 1, status: int = 503
-) -> list[int]:
-    """``count`` certifications whose delivery really failed (worker → sandbox); their queue entry ids."""
-    portal_answers(sandbox, status)
-    await seed_certifications(pool, count)
-    await runtime.worker(FAST, listen=False).run(once=True)
-    portal_answers(sandbox, None)
-    rows = await runtime.queue.list_entries(limit=count + 10)
-    return sorted(int(r["id"]) for r in rows)
+# Re-exported while tests/integration/test_metrics.py still imports them from here; they live in
+# tests/support/console.py.
+__all__ = ["BASE", "console_settings", "failed_deliveries"]
 
 
 @pytest.fixture
@@ -86,12 +58,6 @@ async def client(runtime: Runtime) -> AsyncIterator[httpx.AsyncClient]:
 async def api(client: httpx.AsyncClient) -> httpx.AsyncClient:
     client.headers.update(BEARER)
     return client
-
-
-def csrf_of(page: httpx.Response) -> str:
-    match = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
-    assert match is not None, "the page has no CSRF field"
-    return match.group(1)
 
 
 async def sign_in(client: httpx.AsyncClient, **fields: str) -> httpx.Response:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
@@ -20,47 +20,26 @@ from certsync.resilience.breaker import (
 )
 from certsync.sandbox.faults import FaultScript, FaultStep
 from certsync.sandbox.server import SandboxServer
-from certsync.sandbox.state import DEFAULT_TOKEN, SandboxConfig
-from certsync.settings import Settings
 from certsync.store.breaker_state import PostgresBreakerStore
 from certsync.store.errors import DatabaseUnavailable
 from certsync.store.pool import Pool
 from certsync.worker import WorkerOptions
+from tests.conftest import sandbox
 from tests.support.databases import database_outage
+from tests.support.runtime import FAST, puts, settings_for, wait_until
 from tests.support.seed import outbox_statuses, seed_certifications, set_status
 
 pytestmark = pytest.mark.integration
 
-FAST = WorkerOptions(concurrency=8, poll_seconds=0.2, heartbeat_seconds=0.5, lease_seconds=10)
-
-
-@pytest.fixture
-def sandbox() -> Iterator[SandboxServer]:
-    with SandboxServer(SandboxConfig()) as server:
-        yield server
-
-
-def settings_for(database_url: str, sandbox: SandboxServer, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "database_url": database_url,
-        "dynamics_base_url": sandbox.url,
-        "dynamics_token": DEFAULT_TOKEN,
-        "retry_base_delay": 0.01,
-        "breaker_cooldown": 0.5,
-        "log_format": "json",
-    }
-    values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+# Re-exported while tests/integration/test_metrics.py and test_replay.py still import them from here;
+# they live in tests/support/runtime.py, and the fixture in tests/conftest.py.
+__all__ = ["FAST", "puts", "sandbox", "settings_for"]
 
 
 @pytest.fixture
 async def runtime(database_url: str, sandbox: SandboxServer) -> AsyncIterator[Runtime]:
     async with open_runtime(settings_for(database_url, sandbox)) as rt:
         yield rt
-
-
-def puts(sandbox: SandboxServer) -> list[Any]:
-    return [r for r in sandbox.sandbox.requests() if r.method == "PUT"]
 
 
 async def test_changes_made_by_plain_sql_reach_the_portal(
@@ -225,11 +204,3 @@ async def test_the_worker_rides_out_an_outage_of_its_database_and_loses_nothing(
     await task
     assert await outbox_statuses(pool) == {"delivered": 40}
     assert sandbox.sandbox.public_listing() == []
-
-
-async def wait_until(condition: Callable[[], bool], what: str, seconds: float = 20.0) -> None:
-    for _ in range(int(seconds / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
-    pytest.fail(f"timed out after {seconds:.0f} s waiting for {what}")

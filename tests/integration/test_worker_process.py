@@ -23,7 +23,7 @@ from certsync.sandbox.faults import FaultScript, Latency
 from certsync.sandbox.server import SandboxServer
 from certsync.sandbox.state import SandboxConfig
 from certsync.store.pool import Pool
-from tests.integration.test_cli_commands import cli_env
+from tests.support.cli import cli_env
 from tests.support.seed import outbox_statuses, seed_certifications, set_status
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

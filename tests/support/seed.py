@@ -1,7 +1,9 @@
-"""Seeding certifications for delivery tests: plain SQL as the superuser, as the dashboard would."""
+"""Seeding and changing certifications for delivery tests: plain SQL as the superuser, as the dashboard
+would."""
 
 from __future__ import annotations
 
+import random
 from datetime import date
 from uuid import UUID
 
@@ -40,3 +42,19 @@ async def outbox_statuses(pool: Pool) -> dict[str, int]:
             "select status, count(*) as n from public.certification_sync_events group by status"
         )
         return {r["status"]: int(r["n"]) for r in await cur.fetchall()}
+
+
+async def change_some(pool: Pool, certifications: list[UUID], rng: random.Random, count: int) -> int:
+    """One plain-SQL statement changing ``count`` random certifications; returns the rows it changed."""
+    if count <= 0:
+        return 0
+    chosen = rng.sample(certifications, min(count, len(certifications)))
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "update public.certifications"
+            " set status = case status when 'active' then 'suspended' else 'active' end,"
+            "     valid_until = valid_until + 1"
+            " where id = any(%s)",
+            (chosen,),
+        )
+        return cur.rowcount
