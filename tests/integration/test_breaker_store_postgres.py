@@ -98,7 +98,7 @@ async def stored_opened_at(subject: Subject) -> datetime | None:
 
 
 async def acquire(store: BreakerStore, clock: ManualClock, name: str = NAME) -> Permit:
-    return await store.try_acquire(name, clock.now(), COOLDOWN, LEASE)
+    return await store.try_acquire(name, clock.now, COOLDOWN, LEASE)
 
 
 # --- the contract, for both stores ------------------------------------------------------------------
@@ -212,7 +212,7 @@ async def test_probe_success_closes_and_clears_the_count(subject: Subject, clock
     await open_circuit(subject.store, clock)
     clock.advance(COOLDOWN.total_seconds())
     await acquire(subject.store, clock)
-    transition = await subject.store.record_success(NAME, clock.now())
+    transition = await subject.store.record_success(NAME, clock.now)
     assert transition == Transition(CircuitState.HALF_OPEN, CircuitState.CLOSED, "probe succeeded")
     assert await subject.store.snapshot(NAME, clock.now()) == BreakerSnapshot(
         NAME, last_failure_reason="HTTP 503 #3"
@@ -221,7 +221,7 @@ async def test_probe_success_closes_and_clears_the_count(subject: Subject, clock
 
 async def test_success_while_open_closes(subject: Subject, clock: ManualClock) -> None:
     await open_circuit(subject.store, clock)
-    transition = await subject.store.record_success(NAME, clock.now())
+    transition = await subject.store.record_success(NAME, clock.now)
     assert transition == Transition(CircuitState.OPEN, CircuitState.CLOSED, "a call succeeded")
 
 
@@ -229,12 +229,12 @@ async def test_success_while_closed_clears_the_count_without_a_transition(
     subject: Subject, clock: ManualClock
 ) -> None:
     await subject.store.record_failure(NAME, clock.now(), THRESHOLD, "HTTP 503")
-    assert await subject.store.record_success(NAME, clock.now()) is None
+    assert await subject.store.record_success(NAME, clock.now) is None
     assert (await subject.store.snapshot(NAME, clock.now())).consecutive_failures == 0
 
 
 async def test_success_with_nothing_stored_writes_nothing(subject: Subject, clock: ManualClock) -> None:
-    assert await subject.store.record_success(NAME, clock.now()) is None
+    assert await subject.store.record_success(NAME, clock.now) is None
     assert await subject.stored(NAME) is None
 
 
@@ -390,7 +390,7 @@ async def test_a_cached_store_notices_a_circuit_another_worker_opened_once_its_c
     pool: Pool, second_pool: Pool, clock: ManualClock
 ) -> None:
     cached = PostgresBreakerStore(pool, closed_cache_seconds=1.0)
-    await cached.record_success(NAME, clock.now())  # seen closed and clean
+    await cached.record_success(NAME, clock.now)  # seen closed and clean
     await open_circuit(PostgresBreakerStore(second_pool), clock)  # another worker's outage
 
     assert (await acquire(cached, clock)).allowed  # still within the cache: no query was made
@@ -404,7 +404,7 @@ async def test_a_failure_recorded_by_the_cached_store_is_never_hidden_by_its_cac
     pool: Pool, clock: ManualClock
 ) -> None:
     cached = PostgresBreakerStore(pool, closed_cache_seconds=60.0)
-    await cached.record_success(NAME, clock.now())
+    await cached.record_success(NAME, clock.now)
     for _ in range(THRESHOLD):
         await cached.record_failure(NAME, clock.now(), THRESHOLD, "HTTP 503")
     assert not (await acquire(cached, clock)).allowed
@@ -415,6 +415,6 @@ async def test_a_store_without_a_cache_sees_another_workers_outage_at_once(
     pool: Pool, second_pool: Pool, clock: ManualClock
 ) -> None:
     uncached = PostgresBreakerStore(pool)
-    await uncached.record_success(NAME, clock.now())
+    await uncached.record_success(NAME, clock.now)
     await open_circuit(PostgresBreakerStore(second_pool), clock)
     assert not (await acquire(uncached, clock)).allowed

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from structlog.testing import capture_logs
@@ -13,6 +13,8 @@ from certsync.resilience.breaker import (
     CircuitState,
     DynamicsCircuitBreaker,
     InMemoryBreakerStore,
+    Now,
+    Permit,
     Transition,
 )
 from certsync.resilience.testing import ManualClock
@@ -379,3 +381,43 @@ async def test_nothing_is_logged_for_calls_through_a_closed_circuit() -> None:
         await breaker.record_success()
         await breaker.record_failure("HTTP 503")
     assert logs == []
+
+
+class CountingClock(ManualClock):
+    """A ManualClock that counts how often it is read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def now(self) -> datetime:
+        self.reads += 1
+        return super().now()
+
+
+async def test_a_closed_circuit_in_memory_never_reads_the_clock() -> None:
+    clock = CountingClock()
+    breaker, _, _ = make_breaker(clock=clock)
+    for _ in range(3):
+        permit = await breaker.before_call()
+        assert (permit.allowed, permit.is_probe) == (True, False)
+        assert await breaker.record_success() is None
+    assert clock.reads == 0
+    await trip(breaker)
+    reads = clock.reads
+    with pytest.raises(CircuitOpenError):
+        await breaker.before_call()
+    assert clock.reads > reads, "an open circuit compares the clock with opened_at"
+
+
+async def test_a_closed_permit_of_a_stores_own_making_is_let_through_without_a_log_line() -> None:
+    class OwnPermits(InMemoryBreakerStore):
+        async def try_acquire(
+            self, name: str, now: Now, cooldown: timedelta, probe_lease: timedelta
+        ) -> Permit:
+            return Permit(allowed=True, state=CircuitState.CLOSED)
+
+    breaker, _, _ = make_breaker(OwnPermits())
+    with capture_logs() as logs:
+        permit = await breaker.before_call()
+    assert (permit.allowed, permit.is_probe, permit.transition, logs) == (True, False, None, [])

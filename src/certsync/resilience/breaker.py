@@ -4,8 +4,10 @@ Owns ``CircuitState``, the transition rules (``BreakerSnapshot``'s methods, the 
 written in Python), the ``BreakerStore`` protocol with its in-memory implementation, and
 ``DynamicsCircuitBreaker``, which callers use. There is no running timer: the cool-down is the injected
 clock's ``now()`` compared with the stored ``opened_at``, so a restarted process resumes where the
-shared state says. ``certsync.store.breaker_state.PostgresBreakerStore`` implements the same rules in
-SQL so that every worker shares one breaker; the same contract tests run against both stores.
+shared state says. The two operations every call makes (``try_acquire`` and ``record_success``) take
+the clock's ``now`` function rather than a time, so that a closed circuit in memory never reads it.
+``certsync.store.breaker_state.PostgresBreakerStore`` implements the same rules in SQL so that every
+worker shares one breaker; the same contract tests run against both stores.
 
 ::
 
@@ -17,7 +19,7 @@ SQL so that every worker shares one breaker; the same contract tests run against
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -28,6 +30,7 @@ import structlog
 from certsync.resilience.clock import Clock
 
 __all__ = [
+    "ALLOWED_CLOSED",
     "DYNAMICS_BREAKER",
     "BreakerSnapshot",
     "BreakerStore",
@@ -35,6 +38,7 @@ __all__ = [
     "CircuitState",
     "DynamicsCircuitBreaker",
     "InMemoryBreakerStore",
+    "Now",
     "Permit",
     "Transition",
     "denied_permit",
@@ -45,6 +49,9 @@ __all__ = [
 ]
 
 log = structlog.get_logger(__name__)
+
+Now = Callable[[], datetime]
+"""The caller's clock as a function (``Clock.now``): stores call it only when they need the time."""
 
 DYNAMICS_BREAKER = "dynamics"
 """The name of the one breaker shared by every worker that sends to the portal."""
@@ -85,7 +92,8 @@ class Permit:
     transition: Transition | None = None
 
 
-_ALLOWED_CLOSED = Permit(allowed=True, state=CircuitState.CLOSED)
+ALLOWED_CLOSED = Permit(allowed=True, state=CircuitState.CLOSED)
+"""Every store's answer for a closed circuit: one shared value, so callers can tell it by identity."""
 
 
 def probe_permit(old_state: CircuitState) -> Permit:
@@ -157,7 +165,7 @@ class BreakerSnapshot:
         self, now: datetime, cooldown: timedelta, probe_lease: timedelta
     ) -> tuple[BreakerSnapshot, Permit]:
         if self.state is CircuitState.CLOSED:
-            return self, _ALLOWED_CLOSED
+            return self, ALLOWED_CLOSED
         current = self.clamped(now)
         lease_until = now + probe_lease
         if current.probe_lease_until is not None and current.probe_lease_until > lease_until:
@@ -212,18 +220,20 @@ class BreakerSnapshot:
 class BreakerStore(Protocol):
     """Where breaker state lives. Every operation is atomic: callers never read, decide, then write.
 
-    ``now`` comes from the caller's clock. ``try_acquire`` answers closed without writing; when open
-    and cooled down (or half-open with an expired lease) exactly one caller wins the probe. Every
+    ``now`` comes from the caller's clock: a time, or for ``try_acquire`` and ``record_success`` (made
+    around every call) the clock's ``now`` function, called only when the time is needed (never for a
+    closed circuit held in memory). ``try_acquire`` answers closed without writing; when open and
+    cooled down (or half-open with an expired lease) exactly one caller wins the probe. Every
     operation that reads ``opened_at`` clamps a future value to ``now`` and persists the clamp.
     """
 
     async def snapshot(self, name: str, now: datetime) -> BreakerSnapshot: ...
 
     async def try_acquire(
-        self, name: str, now: datetime, cooldown: timedelta, probe_lease: timedelta
+        self, name: str, now: Now, cooldown: timedelta, probe_lease: timedelta
     ) -> Permit: ...
 
-    async def record_success(self, name: str, now: datetime) -> Transition | None: ...
+    async def record_success(self, name: str, now: Now) -> Transition | None: ...
 
     async def record_failure(
         self, name: str, now: datetime, threshold: int, reason: str
@@ -255,17 +265,15 @@ class InMemoryBreakerStore:
         self._states[name] = current = stored.clamped(now)
         return current
 
-    async def try_acquire(
-        self, name: str, now: datetime, cooldown: timedelta, probe_lease: timedelta
-    ) -> Permit:
+    async def try_acquire(self, name: str, now: Now, cooldown: timedelta, probe_lease: timedelta) -> Permit:
         current = self._states.get(name)
-        # The fast path: a closed circuit answers without building anything.
+        # The fast path: a closed circuit answers without building anything or reading the clock.
         if current is None or current.state is CircuitState.CLOSED:
-            return _ALLOWED_CLOSED
-        self._states[name], permit = current.acquire(now, cooldown, probe_lease)
+            return ALLOWED_CLOSED
+        self._states[name], permit = current.acquire(now(), cooldown, probe_lease)
         return permit
 
-    async def record_success(self, name: str, now: datetime) -> Transition | None:
+    async def record_success(self, name: str, now: Now) -> Transition | None:
         current = self._states.get(name)
         if current is None:
             return None
@@ -291,7 +299,7 @@ class DynamicsCircuitBreaker:
     restarted worker) resumes from the store. Every transition is logged as ``circuit_transition``.
     """
 
-    __slots__ = ("_clock", "_cooldown", "_probe_lease", "_store", "failure_threshold", "name")
+    __slots__ = ("_clock", "_cooldown", "_now", "_probe_lease", "_store", "failure_threshold", "name")
 
     def __init__(
         self,
@@ -316,6 +324,7 @@ class DynamicsCircuitBreaker:
         self.failure_threshold = failure_threshold
         self._store = store
         self._clock = clock
+        self._now: Now = clock.now  # bound once: the stores call it only when they need the time
         self._cooldown = timedelta(seconds=cooldown)
         self._probe_lease = timedelta(seconds=probe_lease)
 
@@ -325,9 +334,9 @@ class DynamicsCircuitBreaker:
 
     async def before_call(self) -> Permit:
         """Raise ``CircuitOpenError`` if the call must not be made; otherwise say whether it is the probe."""
-        permit = await self._store.try_acquire(
-            self.name, self._clock.now(), self._cooldown, self._probe_lease
-        )
+        permit = await self._store.try_acquire(self.name, self._now, self._cooldown, self._probe_lease)
+        if permit is ALLOWED_CLOSED:
+            return permit
         if permit.allowed:
             if permit.transition is not None:
                 self._log(permit.transition)
@@ -343,7 +352,8 @@ class DynamicsCircuitBreaker:
         raise CircuitOpenError(self.name, permit.retry_at)
 
     async def record_success(self) -> Transition | None:
-        return self._log(await self._store.record_success(self.name, self._clock.now()))
+        transition = await self._store.record_success(self.name, self._now)
+        return None if transition is None else self._log(transition)
 
     async def record_failure(self, reason: str) -> Transition | None:
         """Count one failed call (not one failed operation: each retry counts)."""

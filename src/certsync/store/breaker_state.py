@@ -11,8 +11,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from certsync.resilience.breaker import (
+    ALLOWED_CLOSED,
     BreakerSnapshot,
     CircuitState,
+    Now,
     Permit,
     Transition,
     denied_permit,
@@ -25,8 +27,6 @@ from certsync.store.db import fetch
 from certsync.store.pool import Pool
 
 __all__ = ["PostgresBreakerStore", "snapshot_from_row"]
-
-_ALLOWED_CLOSED = Permit(allowed=True, state=CircuitState.CLOSED)
 
 
 class PostgresBreakerStore:
@@ -52,30 +52,30 @@ class PostgresBreakerStore:
         rows = await fetch(self._pool, "breaker_snapshot", {"name": name, "now": now})
         return snapshot_from_row(rows[0]) if rows else BreakerSnapshot(name)
 
-    async def try_acquire(
-        self, name: str, now: datetime, cooldown: timedelta, probe_lease: timedelta
-    ) -> Permit:
-        if self._fresh(name, now):
-            return _ALLOWED_CLOSED
+    async def try_acquire(self, name: str, now: Now, cooldown: timedelta, probe_lease: timedelta) -> Permit:
+        at = now()
+        if self._fresh(name, at):
+            return ALLOWED_CLOSED
         rows = await fetch(
             self._pool,
             "breaker_try_acquire",
-            {"name": name, "now": now, "cooldown": cooldown, "lease_until": now + probe_lease},
+            {"name": name, "now": at, "cooldown": cooldown, "lease_until": at + probe_lease},
         )
         if not rows:
-            return _ALLOWED_CLOSED
+            return ALLOWED_CLOSED
         row = rows[0]
         if row["wins"]:
             return probe_permit(CircuitState(row["old_state"]))
         return denied_permit(snapshot_from_row(row), cooldown)
 
-    async def record_success(self, name: str, now: datetime) -> Transition | None:
-        if self._fresh(name, now):
+    async def record_success(self, name: str, now: Now) -> Transition | None:
+        at = now()
+        if self._fresh(name, at):
             return None
-        rows = await fetch(self._pool, "breaker_record_success", {"name": name, "now": now})
+        rows = await fetch(self._pool, "breaker_record_success", {"name": name, "now": at})
         if self._cache_for:
             # After this statement the breaker is closed and clean, whatever it was before.
-            self._seen_clean_at[name] = now
+            self._seen_clean_at[name] = at
         return success_transition(CircuitState(rows[0]["old_state"])) if rows else None
 
     async def record_failure(
