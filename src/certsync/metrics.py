@@ -9,6 +9,9 @@ Two sources, so that N workers and a console never disagree about the state of t
   structlog events the delivery path already emits (``dynamics_attempt``, ``dynamics_request``,
   ``retry_scheduled``, ``delivery_queued``, ``circuit_transition``); sum them across processes with
   PromQL. They count events that pass the log level, so run at ``CERTSYNC_LOG_LEVEL=info`` (default).
+  A delivered attempt has no line of its own (``dynamics_attempt`` is logged for failed attempts): it
+  is the client's ``dynamics_request`` for a ``PUT`` answered 2xx, since the only ``PUT`` the client
+  makes is the certification upsert and a 2xx answer is exactly when it returns a receipt.
 * ``WorkerStatsCollector`` — the worker's own tallies (superseded, held, rescued, …) from ``WorkerStats``.
 
 ``/metrics`` on the console serves all of them; ``start_worker_metrics`` serves them for a worker.
@@ -52,7 +55,6 @@ log = structlog.get_logger(__name__)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 _ATTEMPT_OUTCOMES = {
-    "delivered": "delivered",
     "TransientDynamicsError": "transient",
     "RateLimitedError": "rate_limited",
     "AuthenticationError": "unauthorized",
@@ -100,11 +102,8 @@ class ProcessMetrics:
     def observe(self, event: EventDict) -> None:
         """Count one log event, if it is one of ours; any other event is ignored."""
         name = event.get("event")
-        if name == "dynamics_attempt":
-            outcome = _ATTEMPT_OUTCOMES.get(str(event.get("outcome")), "error")
-            self.attempts.labels(outcome).inc()
-            if outcome == "delivered":
-                self.deliveries.labels("delivered").inc()
+        if name == "dynamics_attempt":  # a failed attempt
+            self.attempts.labels(_ATTEMPT_OUTCOMES.get(str(event.get("outcome")), "error")).inc()
         elif name == "delivery_queued":
             self.deliveries.labels(str(event.get("queue_status", "pending"))).inc()
         elif name == "retry_scheduled":
@@ -112,8 +111,12 @@ class ProcessMetrics:
         elif name == "dynamics_request":
             status = event.get("status")
             status_class = f"{int(status) // 100}xx" if isinstance(status, int) else "error"
+            method = str(event.get("method", ""))
             seconds = float(event.get("duration_ms", 0.0)) / 1000
-            self.request_seconds.labels(str(event.get("method", "")), status_class).observe(seconds)
+            self.request_seconds.labels(method, status_class).observe(seconds)
+            if method == "PUT" and status_class == "2xx":  # an upsert delivered (see the module doc)
+                self.attempts.labels("delivered").inc()
+                self.deliveries.labels("delivered").inc()
         elif name == "circuit_transition":
             self.transitions.labels(str(event.get("old_state")), str(event.get("new_state"))).inc()
 

@@ -216,3 +216,28 @@ async def test_the_worker_serves_shared_gauges_and_its_own_tallies_on_its_port(
     assert value(text, "certsync_retry_queue_entries", status="pending") == 1
     assert value(text, "certsync_worker_events_total", kind="delivered") == 2
     assert value(text, "certsync_dynamics_attempts_total", outcome="delivered") == 2
+
+
+def test_a_delivered_attempt_is_a_put_answered_2xx_and_nothing_else() -> None:
+    """Delivered attempts have no service line: the client's ``dynamics_request`` of the upsert counts."""
+    metrics = ProcessMetrics()
+    for method, status in (
+        ("PUT", 200),
+        ("PUT", 204),
+        ("PUT", 401),
+        ("PUT", 503),
+        ("GET", 200),
+        ("POST", 200),
+    ):
+        metrics.observe({"event": "dynamics_request", "method": method, "status": status, "duration_ms": 5.0})
+    metrics.observe(
+        {"event": "dynamics_request", "method": "PUT", "error": "ReadTimeout", "duration_ms": 1.0}
+    )
+    metrics.observe({"event": "dynamics_attempt", "outcome": "TransientDynamicsError", "status": 503})
+    text = generate_latest(metrics.registry).decode()
+    assert value(text, "certsync_dynamics_attempts_total", outcome="delivered") == 2
+    assert value(text, "certsync_deliveries_total", outcome="delivered") == 2
+    assert value(text, "certsync_dynamics_attempts_total", outcome="transient") == 1
+    assert (
+        value(text, "certsync_dynamics_request_duration_seconds_count", method="PUT", status_class="2xx") == 2
+    )

@@ -9,8 +9,9 @@ from email.utils import format_datetime
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
-from certsync.resilience.retry import RetryPolicy, parse_retry_after
+from certsync.resilience.retry import GaveUp, RetryLater, RetryLoop, RetryPolicy, parse_retry_after
 from certsync.resilience.testing import ManualClock
 from certsync.settings import Settings
 
@@ -194,3 +195,75 @@ def test_unreadable_retry_after_is_none(header: str) -> None:
 def test_parse_retry_after_needs_an_aware_now() -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
         parse_retry_after("5", datetime(2026, 11, 29, 10, 0))
+
+
+class Script:
+    """An attempt that answers from a script and records what it was given."""
+
+    def __init__(self, *answers: str | RetryLater) -> None:
+        self.answers = list(answers)
+        self.calls: list[tuple[int, RetryLater | None]] = []
+
+    async def __call__(self, number: int, last: RetryLater | None) -> str | RetryLater:
+        self.calls.append((number, last))
+        return self.answers.pop(0)
+
+
+async def test_the_loop_returns_a_first_success_without_sleeping_logging_or_asking_for_context() -> None:
+    clock = ManualClock()
+    attempt = Script("ok")
+
+    def context() -> dict[str, object]:
+        raise AssertionError("no line to log, so no context to build")
+
+    with capture_logs() as logs:
+        assert await RetryLoop(RetryPolicy(), clock.sleep).run(attempt, context=context) == "ok"
+    assert (attempt.calls, clock.sleeps, logs) == ([(1, None)], [], [])
+
+
+async def test_the_loop_waits_the_schedule_between_attempts_and_passes_the_last_answer_on() -> None:
+    clock = ManualClock()
+    first, second = RetryLater("HTTP 503"), RetryLater("timeout")
+    attempt = Script(first, second, "ok")
+    with capture_logs() as logs:
+        result = await RetryLoop(RetryPolicy(), clock.sleep).run(attempt, context=lambda: {"event_id": "e1"})
+    assert result == "ok"
+    assert attempt.calls == [(1, None), (2, first), (3, second)]
+    assert clock.sleeps == [2.0, 4.0]
+    assert [(e["event"], e["retry"], e["delay"], e["after"], e["event_id"]) for e in logs] == [
+        ("retry_scheduled", 1, 2.0, "HTTP 503", "e1"),
+        ("retry_scheduled", 2, 4.0, "timeout", "e1"),
+    ]
+
+
+async def test_the_loop_gives_up_after_max_attempts() -> None:
+    clock = ManualClock()
+    attempt = Script(*[RetryLater(f"HTTP 503 #{n}") for n in range(1, 5)])
+    result = await RetryLoop(RetryPolicy(), clock.sleep).run(attempt)
+    assert result == GaveUp(
+        4, RetryLater("HTTP 503 #4"), "retries exhausted after 4 attempt(s); last: HTTP 503 #4"
+    )
+    assert clock.sleeps == [2.0, 4.0, 8.0]
+
+
+async def test_the_loop_honours_retry_after_and_gives_up_when_it_exceeds_the_cap() -> None:
+    clock = ManualClock()
+    too_long = RetryLater("HTTP 503", retry_after=600.0)
+    attempt = Script(RetryLater("HTTP 429", retry_after=7.0), too_long)
+    with capture_logs() as logs:
+        result = await RetryLoop(RetryPolicy(max_retry_after=60.0), clock.sleep).run(attempt)
+    assert result == GaveUp(2, too_long, "HTTP 503; Retry-After 600s exceeds the 60s cap")
+    assert clock.sleeps == [7.0]
+    assert logs[-1] == {
+        "event": "retry_abandoned_retry_after_too_long",
+        "retry_after": 600.0,
+        "log_level": "warning",
+    }
+
+
+async def test_zero_retries_means_the_first_failure_gives_up() -> None:
+    clock = ManualClock()
+    result = await RetryLoop(RetryPolicy(max_retries=0), clock.sleep).run(Script(RetryLater("HTTP 503")))
+    assert isinstance(result, GaveUp)
+    assert (result.attempts, result.reason) == (1, "retries exhausted after 1 attempt(s); last: HTTP 503")
+    assert clock.sleeps == []

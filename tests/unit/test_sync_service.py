@@ -246,15 +246,22 @@ async def test_a_sink_that_fails_is_not_swallowed() -> None:
 async def test_every_attempt_and_retry_is_logged_without_personal_data() -> None:
     h = Harness(threshold=10)
     put_route(respx.mock, httpx.Response(503), httpx.Response(200, json={}))
+    request = upsert()
     with capture_logs() as logs:
-        await h.service.deliver(upsert(), operation_type="certification.status_changed")
+        await h.service.deliver(request, operation_type="certification.status_changed")
     attempts = [e for e in logs if e["event"] == "dynamics_attempt"]
-    assert [(e["attempt"], e["outcome"]) for e in attempts] == [
-        (1, "TransientDynamicsError"),
-        (2, "delivered"),
+    assert [(e["attempt"], e["outcome"], e["status"]) for e in attempts] == [
+        (1, "TransientDynamicsError", 503)
     ]
     [retry] = [e for e in logs if e["event"] == "retry_scheduled"]
     assert retry["delay"] == 2.0
+    # A success adds no line of the service's own: the client's one line per exchange records it.
+    puts = [(e["status"], e["event_id"]) for e in logs if e["event"] == "dynamics_request"]
+    assert puts == [(503, str(request.event_id)), (200, str(request.event_id))]
+    for line in (*attempts, retry):
+        assert line["event_id"] == str(request.event_id)
+        assert line["certification_id"] == str(request.certification.id)
+        assert (line["operation"], line["version"]) == ("certification.status_changed", 7)
     assert all("t0k3n" not in str(e) for e in logs)
 
 

@@ -37,7 +37,7 @@ from certsync.dynamics.errors import (
 from certsync.resilience.breaker import CircuitOpenError, CircuitState, DynamicsCircuitBreaker
 from certsync.resilience.clock import Clock, Sleep
 from certsync.resilience.gate import SendGate
-from certsync.resilience.retry import RetryPolicy
+from certsync.resilience.retry import GaveUp, RetryLater, RetryLoop, RetryPolicy
 
 log = structlog.get_logger(__name__)
 
@@ -101,7 +101,12 @@ class HLFDynamicsSyncService:
         self._failures = failures
         self._clock = clock
         self._sleep = sleep
+        self._retries = RetryLoop(retry_policy, sleep)
         self._gate = gate if gate is not None else SendGate(clock, sleep)
+        # Outcomes are values: one per attempt count, built once instead of on every delivery.
+        self._delivered = tuple(
+            DeliveryOutcome(Outcome.DELIVERED, n) for n in range(retry_policy.max_attempts + 1)
+        )
 
     @property
     def breaker(self) -> DynamicsCircuitBreaker:
@@ -115,98 +120,99 @@ class HLFDynamicsSyncService:
         sink: FailureSink | None = None,
         when_open: Literal["hold", "queue"] = "queue",
     ) -> DeliveryOutcome:
-        """Send one upsert through the retry policy and breaker; record it in ``sink`` if it fails.
+        """Send one upsert through the retry loop and breaker; record it in ``sink`` if it fails.
 
         ``when_open="hold"`` (the worker): if the circuit is open before the first call, return HELD so
         the event waits in the outbox. ``"queue"``: record it as pending instead.
+
+        A success is not logged here: the client's ``dynamics_request`` line records the exchange (and
+        ``certsync.metrics`` counts deliveries from it). Every failed attempt, retry and refusal is.
         """
         failures = sink if sink is not None else self._failures
-        bound = log.bind(
-            operation=operation_type,
-            event_id=str(request.event_id),
-            certification_id=str(request.certification.id),
-            version=request.certification.version,
-        )
-        attempts = 0
-        last: DynamicsError | None = None
-        reason = "not attempted"
-        for retry_number in range(self._policy.max_attempts):
-            if retry_number > 0:
-                abandoned = await self._wait_before_retry(retry_number, last, reason, bound)
-                if abandoned is not None:
-                    reason = abandoned
-                    break
+
+        def fields() -> dict[str, object]:
+            return _log_fields(request, operation_type)
+
+        async def attempt(number: int, last: RetryLater | None) -> DeliveryOutcome | RetryLater:
             await self._gate.wait()
             try:
                 await self._breaker.before_call()
             except CircuitOpenError as exc:
-                bound.info("circuit_open_call_refused", attempts=attempts, retry_at=exc.retry_at.isoformat())
-                if attempts == 0:
-                    if when_open == "hold":
-                        return DeliveryOutcome(Outcome.HELD, 0, reason="circuit open")
-                    reason = "circuit open: not attempted"
-                else:
-                    reason = f"circuit opened after {attempts} attempt(s); last: {reason}"
-                break
-            attempts += 1
+                return await self._refused(
+                    exc,
+                    made=number - 1,
+                    last=last,
+                    when_open=when_open,
+                    failures=failures,
+                    request=request,
+                    operation_type=operation_type,
+                )
             started = self._clock.now()
             try:
-                receipt = await self._client.upsert_certification(request)
+                await self._client.upsert_certification(request)
             except PermanentDynamicsError as exc:
                 # The portal answered, so it is healthy: a refusal of this request is not an outage.
                 await self._breaker.record_success()
-                self._log_attempt(bound, attempts, started, error=exc)
+                self._log_failed_attempt(fields(), number, started, exc)
                 return await self._record(
                     failures,
                     request,
                     operation_type,
                     reason=exc.reason,
-                    attempts=attempts,
+                    attempts=number,
                     status="requires_investigation",
                 )
             except RateLimitedError as exc:
                 # A 429 is the portal healthy and asking us to slow down: everything pauses for its
                 # Retry-After (SendGate); it is not an outage, so it does not count toward opening the
                 # circuit (three 429s would otherwise stop all delivery for a whole cool-down).
-                last, reason = exc, exc.reason
-                self._log_attempt(bound, attempts, started, error=exc)
+                self._log_failed_attempt(fields(), number, started, exc)
                 self._gate.pause_for(exc.retry_after or self._policy.base_delay, reason=exc.reason)
-                continue
+                return RetryLater(exc.reason, exc.retry_after)
             except (TransientDynamicsError, AuthenticationError) as exc:
-                last, reason = exc, exc.reason
                 transition = await self._breaker.record_failure(exc.reason)
-                self._log_attempt(bound, attempts, started, error=exc)
+                self._log_failed_attempt(fields(), number, started, exc)
                 if transition is not None and transition.new is CircuitState.OPEN:
                     # This failure opened the circuit: no retry can go before the cool-down ends.
-                    reason = f"circuit opened after {attempts} attempt(s); last: {reason}"
-                    break
-                continue
+                    why = f"circuit opened after {number} attempt(s); last: {exc.reason}"
+                    return await self._record(failures, request, operation_type, reason=why, attempts=number)
+                retry_after = exc.retry_after if isinstance(exc, TransientDynamicsError) else None
+                return RetryLater(exc.reason, retry_after)
             await self._breaker.record_success()
-            self._log_attempt(bound, attempts, started, status=receipt.status)
-            return DeliveryOutcome(Outcome.DELIVERED, attempts)
-        else:
-            reason = f"retries exhausted after {attempts} attempt(s); last: {reason}"
-        return await self._record(
-            failures, request, operation_type, reason=reason, attempts=attempts, status="pending"
-        )
+            return self._delivered[number]
 
-    async def _wait_before_retry(
+        result = await self._retries.run(attempt, context=fields)
+        if isinstance(result, GaveUp):
+            return await self._record(
+                failures, request, operation_type, reason=result.reason, attempts=result.attempts
+            )
+        return result
+
+    async def _refused(
         self,
-        retry_number: int,
-        last: DynamicsError | None,
-        reason: str,
-        bound: structlog.typing.FilteringBoundLogger,
-    ) -> str | None:
-        """Sleep the policy's delay (or the portal's Retry-After); the reason to give up instead, if any."""
-        retry_after = last.retry_after if isinstance(last, TransientDynamicsError) else None
-        delay = self._policy.delay_before_retry(retry_number, retry_after)
-        if delay is None:
-            cap = self._policy.max_retry_after
-            bound.warning("retry_abandoned_retry_after_too_long", retry_after=retry_after)
-            return f"{reason}; Retry-After {retry_after:.0f}s exceeds the {cap:.0f}s cap"
-        bound.info("retry_scheduled", retry=retry_number, delay=delay, after=reason)
-        await self._sleep(delay)
-        return None
+        exc: CircuitOpenError,
+        *,
+        made: int,
+        last: RetryLater | None,
+        when_open: Literal["hold", "queue"],
+        failures: FailureSink,
+        request: CertificationUpsert,
+        operation_type: str,
+    ) -> DeliveryOutcome:
+        """The circuit refused attempt ``made + 1``: hold the operation, or record why it was not sent."""
+        log.info(
+            "circuit_open_call_refused",
+            attempts=made,
+            retry_at=exc.retry_at.isoformat(),
+            **_log_fields(request, operation_type),
+        )
+        if last is None:
+            if when_open == "hold":
+                return _HELD
+            why = "circuit open: not attempted"
+        else:
+            why = f"circuit opened after {made} attempt(s); last: {last.reason}"
+        return await self._record(failures, request, operation_type, reason=why, attempts=made)
 
     async def _record(
         self,
@@ -216,7 +222,7 @@ class HLFDynamicsSyncService:
         *,
         reason: str,
         attempts: int,
-        status: Literal["pending", "requires_investigation"],
+        status: Literal["pending", "requires_investigation"] = "pending",
     ) -> DeliveryOutcome:
         await sink.record(
             DeliveryFailure(
@@ -240,30 +246,29 @@ class HLFDynamicsSyncService:
         )
         return DeliveryOutcome(Outcome.QUEUED, attempts, queue_status=status, reason=reason)
 
-    def _log_attempt(
-        self,
-        bound: structlog.typing.FilteringBoundLogger,
-        attempt: int,
-        started: datetime,
-        *,
-        status: int | None = None,
-        error: DynamicsError | None = None,
+    def _log_failed_attempt(
+        self, fields: dict[str, object], attempt: int, started: datetime, error: DynamicsError
     ) -> None:
         duration_ms = round((self._clock.now() - started).total_seconds() * 1000, 1)
-        if error is None:
-            bound.info(
-                "dynamics_attempt",
-                attempt=attempt,
-                outcome="delivered",
-                status=status,
-                duration_ms=duration_ms,
-            )
-        else:
-            bound.warning(
-                "dynamics_attempt",
-                attempt=attempt,
-                outcome=type(error).__name__,
-                status=error.status,
-                reason=error.reason,
-                duration_ms=duration_ms,
-            )
+        log.warning(
+            "dynamics_attempt",
+            attempt=attempt,
+            outcome=type(error).__name__,
+            status=error.status,
+            reason=error.reason,
+            duration_ms=duration_ms,
+            **fields,
+        )
+
+
+_HELD = DeliveryOutcome(Outcome.HELD, 0, reason="circuit open")
+
+
+def _log_fields(request: CertificationUpsert, operation_type: str) -> dict[str, object]:
+    """What every log line about one delivery carries, built only when there is a line to write."""
+    return {
+        "operation": operation_type,
+        "event_id": str(request.event_id),
+        "certification_id": str(request.certification.id),
+        "version": request.certification.version,
+    }

@@ -1,8 +1,11 @@
 """The retry schedule: how long to wait before each retry of one operation, and when to stop waiting.
 
-``RetryPolicy`` is a value: it decides delays but never sleeps. The loop that calls the portal (in
-``HLFDynamicsSyncService``) is a plain ``for`` loop that asks ``delay_before_retry`` and awaits an
-injected ``Sleep``, so tests run the whole schedule on a ``ManualClock`` without waiting.
+``RetryPolicy`` is a value: it decides delays but never sleeps. ``RetryLoop`` applies it: it calls an
+attempt, and while the attempt answers ``RetryLater`` it logs the retry, awaits the policy's delay on
+an injected ``Sleep`` and calls the next attempt, until one answers with a result or the loop gives
+up (``GaveUp``). ``HLFDynamicsSyncService.deliver`` runs its attempts through it, so tests run the
+whole schedule on a ``ManualClock`` without waiting. The success path is one call and one
+``isinstance``: nothing is built or logged unless an attempt asks for a retry.
 
 Its arguments mirror ``CERTSYNC_RETRY_MAX_RETRIES``, ``CERTSYNC_RETRY_BASE_DELAY`` and
 ``CERTSYNC_RETRY_MAX_RETRY_AFTER``; the composition root builds it from settings (this package reads
@@ -14,12 +17,21 @@ from __future__ import annotations
 import math
 import random as _random
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from typing import TypeVar
 
-__all__ = ["RetryPolicy", "parse_retry_after"]
+import structlog
+
+from certsync.resilience.clock import Sleep
+
+__all__ = ["Attempt", "GaveUp", "RetryLater", "RetryLoop", "RetryPolicy", "parse_retry_after"]
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 # RFC 9110 delay-seconds is digits only; a fraction is tolerated because some proxies send one.
 _DELAY_SECONDS = re.compile(r"\d+(?:\.\d+)?")
@@ -78,6 +90,75 @@ class RetryPolicy:
         if self.jitter:
             delay *= 1.0 + self.jitter * (2.0 * self.random() - 1.0)
         return delay
+
+
+@dataclass(frozen=True, slots=True)
+class RetryLater:
+    """An attempt's answer "this failed, but may succeed if tried again".
+
+    ``retry_after``: the server's ``Retry-After`` in seconds, honoured instead of the schedule.
+    """
+
+    reason: str
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GaveUp:
+    """The loop stopped retrying: every attempt was used, or a ``Retry-After`` exceeded the cap.
+
+    ``attempts``: how many attempts were made; ``last``: the last attempt's answer; ``reason``: why, for
+    a person (``"retries exhausted after 4 attempt(s); last: HTTP 503 Service Unavailable"``).
+    """
+
+    attempts: int
+    last: RetryLater
+    reason: str
+
+
+Attempt = Callable[[int, RetryLater | None], Awaitable[T | RetryLater]]
+"""One attempt: given its number (1-based) and the previous attempt's answer (``None`` for the first),
+a result (the loop returns it), or ``RetryLater``."""
+
+
+class RetryLoop:
+    """``RetryPolicy`` applied: attempts, logged retries and the waits between them on an injected sleep.
+
+    Every retry is logged (``retry_scheduled`` at info, ``retry_abandoned_retry_after_too_long`` at
+    warning) with the fields ``context()`` returns, which is only called when there is one to log.
+    """
+
+    __slots__ = ("_sleep", "policy")
+
+    def __init__(self, policy: RetryPolicy, sleep: Sleep) -> None:
+        self.policy = policy
+        self._sleep = sleep
+
+    async def run(
+        self, attempt: Attempt[T], *, context: Callable[[], Mapping[str, object]] | None = None
+    ) -> T | GaveUp:
+        """Call ``attempt`` until it answers with a result, or give up; returns the result or ``GaveUp``."""
+        answer = await attempt(1, None)
+        if not isinstance(answer, RetryLater):
+            return answer
+        policy = self.policy
+        for retry_number in range(1, policy.max_retries + 1):
+            delay = policy.delay_before_retry(retry_number, answer.retry_after)
+            fields = context() if context is not None else {}
+            if delay is None:
+                log.warning("retry_abandoned_retry_after_too_long", retry_after=answer.retry_after, **fields)
+                cap = policy.max_retry_after
+                why = f"{answer.reason}; Retry-After {answer.retry_after:.0f}s exceeds the {cap:.0f}s cap"
+                return GaveUp(retry_number, answer, why)
+            log.info("retry_scheduled", retry=retry_number, delay=delay, after=answer.reason, **fields)
+            await self._sleep(delay)
+            answer = await attempt(retry_number + 1, answer)
+            if not isinstance(answer, RetryLater):
+                return answer
+        attempts = policy.max_attempts
+        return GaveUp(
+            attempts, answer, f"retries exhausted after {attempts} attempt(s); last: {answer.reason}"
+        )
 
 
 def parse_retry_after(value: str | None, now: datetime) -> float | None:
