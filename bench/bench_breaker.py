@@ -101,6 +101,8 @@ def run(options: Options) -> Report:
     baseline = {"async": best(samples["bare await noop()"]), "sync": best(samples["bare noop() (sync)"])}
     overhead = {name: best(samples[name]) - baseline[kinds[name]] for name in CONTENDERS}
     ours = overhead["certsync DynamicsCircuitBreaker + InMemoryBreakerStore"]
+    peers = {name: value for name, value in overhead.items() if not name.startswith("certsync")}
+    fastest_peer = min(peers, key=peers.__getitem__)
     rows = []
     for name in sorted(CONTENDERS, key=overhead.__getitem__):
         rows.append(
@@ -109,7 +111,7 @@ def run(options: Options) -> Report:
                 micro(best(samples[name])),
                 micro(median(samples[name])),
                 micro(overhead[name]),
-                ratio(overhead[name], ours),
+                ratio(overhead[name], peers[fastest_peer]),
             )
         )
     rows.append(("bare await noop() (baseline)", micro(baseline["async"]), "", "", ""))
@@ -121,16 +123,14 @@ def run(options: Options) -> Report:
             f"Each contender wraps a no-op call; {rounds} interleaved rounds of {calls:,} calls in one event "
             "loop. Per call: best round (and median round) in µs; overhead = best per-call time minus the "
             "bare call's best (async no-op for async breakers, a plain call for pybreaker). Ratios are "
-            "overhead relative to certsync's, measured in the same run."
+            "overhead relative to the fastest peer's, measured in the same run."
         ),
     )
     report.table(
         "Per guarded call (µs)",
-        ("contender", "best", "median", "overhead", "overhead vs certsync"),
+        ("contender", "best", "median", "overhead", "vs fastest peer"),
         rows,
     )
-    peers = {name: value for name, value in overhead.items() if not name.startswith("certsync")}
-    fastest_peer = min(peers, key=peers.__getitem__)
     report.target(
         "breaker decision overhead, closed",
         "≤ 0.5 µs per call and below every peer",
@@ -138,8 +138,9 @@ def run(options: Options) -> Report:
         ours <= TARGET_SECONDS and all(ours < value for value in peers.values()),
     )
     report.notes += [
-        "certsync's figure is `await before_call()` + `await record_success()`: two store calls and two "
-        "clock reads (`datetime.now(UTC)`), as HLFDynamicsSyncService makes them around every attempt.",
+        "certsync's figure is `await before_call()` + `await record_success()`, as HLFDynamicsSyncService "
+        "makes them around every attempt: two store calls, given the clock's `now` function, which a "
+        "closed circuit never calls (the time is read only when the circuit is open or half-open).",
         "In production the store is PostgresBreakerStore (one round trip per decision); this measures "
         "the in-process logic only, as the issue asks.",
         "The machine is shared with other engineers' test runs: best-of-rounds is the figure least "

@@ -1,10 +1,12 @@
-"""Retry wrapper overhead on the success path: ``HLFDynamicsSyncService.deliver`` against tenacity
-(for-loop and decorator), stamina and backoff, each around the same no-op async call.
+"""Retry wrapper overhead on the success path, in two tables.
 
-Ours is the production wrapper, so its figure includes what the peers do not do: the shared send gate,
-the circuit breaker (in-process store) before and after the attempt, and the structured log line of
-the attempt. It is measured twice: with the production log level (info, rendered to /dev/null) and
-with info filtered out (warning), so the cost of logging is visible on its own.
+1. The retry loop alone: ``RetryLoop`` (``RetryPolicy`` applied, the piece ``deliver()`` runs its attempts
+   through) against tenacity (for-loop and decorator), stamina and backoff, each retrying any exception
+   of the same no-op async call. This is the like-for-like row issue 7's target applies to.
+2. The whole ``HLFDynamicsSyncService.deliver`` success path, which does more than retry: the shared
+   send gate, the circuit breaker (in-process store) before and after the attempt, the clock read that
+   times the attempt, and building the outcome. Measured at the production log level (info, rendered to
+   /dev/null) and with info filtered out (warning), and reported for what it is, not against the peers.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from certsync.dynamics.sync_service import DeliveryFailure, HLFDynamicsSyncServi
 from certsync.logs import configure_logging
 from certsync.resilience.breaker import DynamicsCircuitBreaker, InMemoryBreakerStore
 from certsync.resilience.clock import SystemClock, real_sleep
-from certsync.resilience.retry import RetryPolicy
+from certsync.resilience.retry import RetryLater, RetryLoop, RetryPolicy
 
 TARGET_SECONDS = 1e-6
 ATTEMPTS = 4  # the first attempt and CERTSYNC_RETRY_MAX_RETRIES=3, for every contender
@@ -93,6 +95,19 @@ def certsync_body(level: str) -> object:
     return body
 
 
+def certsync_loop_body() -> object:
+    """``RetryLoop.run`` around the no-op, retrying any exception as the peers do."""
+    loop = RetryLoop(RetryPolicy(max_retries=ATTEMPTS - 1), real_sleep)
+
+    async def attempt(number: int, last: RetryLater | None) -> RetryLater | None:
+        try:
+            return await noop()
+        except Exception as exc:
+            return RetryLater(repr(exc))
+
+    return calls_of(lambda: loop.run(attempt))
+
+
 def portal_call_body() -> object:
     portal, body_request = NoopPortal(), request()
     return calls_of(lambda: portal.upsert_certification(body_request))
@@ -124,8 +139,15 @@ async def backoff_decorated() -> None:
     return None
 
 
+OURS_LOOP = "certsync RetryLoop.run"
 OURS_INFO = "certsync deliver(), log level info (production)"
 OURS_WARNING = "certsync deliver(), info filtered (warning)"
+PEERS = {
+    "tenacity AsyncRetrying (async for)": tenacity_loop,
+    "tenacity @retry": calls_of(tenacity_decorated),
+    "stamina @retry": calls_of(stamina_decorated),
+    "backoff @on_exception": calls_of(backoff_decorated),
+}
 
 
 def run(options: Options) -> Report:
@@ -133,64 +155,76 @@ def run(options: Options) -> Report:
     bodies = {
         "bare await noop()": calls_of(noop),
         "bare await portal.upsert_certification()": portal_call_body(),
+        OURS_LOOP: certsync_loop_body(),
+        **PEERS,
         OURS_INFO: certsync_body("info"),
         OURS_WARNING: certsync_body("warning"),
-        "tenacity AsyncRetrying (async for)": tenacity_loop,
-        "tenacity @retry": calls_of(tenacity_decorated),
-        "stamina @retry": calls_of(stamina_decorated),
-        "backoff @on_exception": calls_of(backoff_decorated),
     }
     samples = interleaved(bodies, rounds=rounds, calls=calls, warmup=1_000)  # type: ignore[arg-type]
     configure_logging("json", "info", stream=open(os.devnull, "w"))  # noqa: SIM115
     noop_base = best(samples["bare await noop()"])
     portal_base = best(samples["bare await portal.upsert_certification()"])
-    contenders = [name for name in bodies if not name.startswith("bare")]
     overhead = {
-        name: best(samples[name]) - (portal_base if name.startswith("certsync") else noop_base)
-        for name in contenders
+        name: best(samples[name]) - (portal_base if name.startswith("certsync deliver") else noop_base)
+        for name in bodies
+        if not name.startswith("bare")
     }
-    ours = overhead[OURS_INFO]
-    rows = [
-        (
+    fastest_peer = min(PEERS, key=overhead.__getitem__)
+    fastest = overhead[fastest_peer]
+
+    def row(name: str) -> tuple[str, ...]:
+        return (
             name,
             micro(best(samples[name])),
             micro(median(samples[name])),
             micro(overhead[name]),
-            ratio(overhead[name], ours),
+            ratio(overhead[name], fastest),
         )
-        for name in sorted(contenders, key=overhead.__getitem__)
-    ]
-    rows += [
-        ("bare await noop() (peers' baseline)", micro(noop_base), "", "", ""),
-        ("bare await portal.upsert_certification() (ours)", micro(portal_base), "", "", ""),
-    ]
+
     report = Report(
         name="retry",
         title="Retry wrapper overhead, success path",
         method=(
             f"Each contender wraps a no-op async call with {ATTEMPTS} attempts allowed and exponential "
-            f"waits; {rounds} interleaved rounds of {calls:,} calls in one event loop. Per call: best "
-            "round (and median round) in µs; overhead = best minus the bare call's best. certsync is "
-            "`HLFDynamicsSyncService.deliver` with a PortalClient whose upsert returns at once, an "
-            "InMemoryBreakerStore and the real clock. Ratios are overhead relative to certsync's "
-            "production configuration, measured in the same run."
+            f"waits (2, 4, 8 s), retrying any exception; {rounds} interleaved rounds of {calls:,} calls in "
+            "one event loop, every contender of both tables in the same rounds. Per call: best round (and "
+            "median round) in µs; overhead = best minus the bare call's best. Ratios are overhead relative "
+            "to the fastest peer's, measured in the same run."
         ),
     )
-    report.table("Per wrapped call (µs)", ("contender", "best", "median", "overhead", "vs certsync"), rows)
-    peers = {name: value for name, value in overhead.items() if not name.startswith("certsync")}
-    fastest_peer = min(peers, key=peers.__getitem__)
-    for label, name in (("production logging", OURS_INFO), ("info filtered", OURS_WARNING)):
-        report.target(
-            f"retry wrapper overhead, success path ({label})",
-            "≤ 1 µs per call and below every peer",
-            f"{micro(overhead[name])} µs; fastest peer {fastest_peer} {micro(peers[fastest_peer])} µs",
-            overhead[name] <= TARGET_SECONDS and all(overhead[name] < value for value in peers.values()),
-        )
+    loop_rows = [row(name) for name in sorted((OURS_LOOP, *PEERS), key=overhead.__getitem__)]
+    loop_rows.append(("bare await noop() (baseline)", micro(noop_base), "", "", ""))
+    report.table(
+        "The retry loop alone, per wrapped call (µs)",
+        ("contender", "best", "median", "overhead", "vs fastest peer"),
+        loop_rows,
+    )
+    report.table(
+        "certsync deliver(), whole success path, per delivery (µs)",
+        ("configuration", "best", "median", "overhead", "vs fastest peer"),
+        [
+            row(OURS_INFO),
+            row(OURS_WARNING),
+            ("bare await portal.upsert_certification() (baseline)", micro(portal_base), "", "", ""),
+        ],
+    )
+    ours = overhead[OURS_LOOP]
+    report.target(
+        "retry wrapper overhead, success path (the retry loop)",
+        "≤ 1 µs per call and below every peer",
+        f"{micro(ours)} µs; fastest peer {fastest_peer} {micro(fastest)} µs",
+        ours <= TARGET_SECONDS and all(ours < overhead[name] for name in PEERS),
+    )
     report.notes += [
-        "What certsync's figure includes and the peers' do not: `log.bind` of four fields per operation, "
-        "`SendGate.wait()` (one clock read), the breaker's `before_call` and `record_success` (two store "
-        "calls, two clock reads), two more clock reads to time the attempt, and the `dynamics_attempt` "
-        "log line (rendered as JSON at info; a filtered no-op at warning).",
+        "`RetryLoop.run` is the code `deliver()` runs its attempts through (no second copy): the attempt "
+        "is called once and its answer checked; nothing is built, logged or slept unless it asks for a "
+        "retry. The benchmark's attempt catches any exception and answers `RetryLater`, as the peers "
+        "retry on any exception.",
+        "`deliver()` on the success path, besides the loop: `SendGate.wait()`, the breaker's `before_call` "
+        "and `record_success` (in-process store, no clock read while closed), one clock read to time the "
+        "attempt (for the failure line), and a prebuilt `DeliveryOutcome`. It logs nothing of its own on "
+        "success: the real client's `dynamics_request` line (not part of this no-op portal) records each "
+        "exchange, and the metrics count deliveries from it.",
         "stamina's decorator runs tenacity underneath; backoff and tenacity build their retry state "
         "per call.",
         "The machine is shared with other engineers' test runs: best-of-rounds is the figure least "
