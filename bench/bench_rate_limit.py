@@ -58,7 +58,9 @@ def run(options: Options) -> Report:
         async def drain() -> tuple[float, bool, WorkerStats]:
             # Not ``once``: a circuit opened by 429s makes ``once`` exit with events still waiting, and the
             # drain must include the wait for it to close again. Done when nothing waits or is in flight.
-            async with open_runtime(certsync_settings(database_url, portal)) as runtime:
+            # The client is told the portal's window, as a Dataverse deployment has it (300 s by default).
+            settings = certsync_settings(database_url, portal, dynamics_rate_window_seconds=WINDOW)
+            async with open_runtime(settings) as runtime:
                 stop = asyncio.Event()
                 started = time.perf_counter()
                 task = asyncio.create_task(runtime.worker(WorkerOptions()).run(stop))

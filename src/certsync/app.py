@@ -104,7 +104,9 @@ def token_provider_from(settings: Settings, http: httpx.AsyncClient, clock: Cloc
     )
 
 
-def dynamics_client_from(settings: Settings, http: httpx.AsyncClient, clock: Clock) -> DynamicsClient:
+def dynamics_client_from(
+    settings: Settings, http: httpx.AsyncClient, clock: Clock, gate: SendGate | None = None
+) -> DynamicsClient:
     if not settings.dynamics_base_url:
         raise ConfigurationError("CERTSYNC_DYNAMICS_BASE_URL is not set")
     signer = None
@@ -120,6 +122,17 @@ def dynamics_client_from(settings: Settings, http: httpx.AsyncClient, clock: Clo
         signer=signer,
         clock=clock,
         timeout=settings.http_timeout,
+        gate=gate,
+    )
+
+
+def send_gate_from(settings: Settings, clock: Clock, sleep: Sleep) -> SendGate:
+    """The one gate all of this process's portal requests share: 429 pauses and budget pacing."""
+    return SendGate(
+        clock,
+        sleep,
+        window_seconds=settings.dynamics_rate_window_seconds,
+        max_requests_per_window=settings.dynamics_max_requests_per_window,
     )
 
 
@@ -142,7 +155,7 @@ class Runtime:
     gate: SendGate
 
     def client(self) -> DynamicsClient:
-        return dynamics_client_from(self.settings, self.http, self.clock)
+        return dynamics_client_from(self.settings, self.http, self.clock, self.gate)
 
     def sync_service(self) -> HLFDynamicsSyncService:
         return HLFDynamicsSyncService(
@@ -216,7 +229,7 @@ async def open_runtime(
             http=http,
             breaker=breaker_for(pool, settings, clock),
             queue=RetryQueue(pool),
-            gate=SendGate(clock, sleep),
+            gate=send_gate_from(settings, clock, sleep),
         )
     finally:
         await http.aclose()

@@ -32,6 +32,17 @@ class Settings(BaseSettings):
     dynamics_client_secret: SecretStr | None = None
     dynamics_scope: str | None = None
     dynamics_signing_secret: SecretStr | None = None
+    dynamics_rate_window_seconds: float = Field(
+        default=300.0,
+        gt=0.0,
+        le=86400.0,
+        description="the portal's service-protection sliding window (Dataverse: 300 s); sends pace on it",
+    )
+    dynamics_max_requests_per_window: int | None = Field(
+        default=None,
+        ge=1,
+        description="client-side limit per window for a portal that reports no remaining budget; unset: off",
+    )
 
     retry_max_retries: int = Field(default=3, ge=0, le=20)
     retry_base_delay: float = Field(default=2.0, ge=0.0, le=3600.0)

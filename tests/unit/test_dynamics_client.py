@@ -17,7 +17,7 @@ from standardwebhooks import Webhook
 from structlog.testing import capture_logs
 
 from certsync.dynamics.auth import StaticTokenProvider
-from certsync.dynamics.client import DeliveryReceipt, DynamicsClient
+from certsync.dynamics.client import DeliveryReceipt, DynamicsClient, remaining_budget
 from certsync.dynamics.contract import CertificationState, CertificationUpsert, contract_schema
 from certsync.dynamics.errors import (
     AuthenticationError,
@@ -28,6 +28,7 @@ from certsync.dynamics.errors import (
     TransientDynamicsError,
 )
 from certsync.dynamics.signing import RequestSigner
+from certsync.resilience.gate import SendGate
 from certsync.resilience.testing import ManualClock
 
 BASE = "https://portal.hlf.example"
@@ -525,3 +526,83 @@ async def test_a_transport_failure_is_logged_with_the_error_class(
             "duration_ms": 0.0,
         }
     ]
+
+
+# --- pacing: each exchange goes through the gate and reports the portal's remaining budget ----------
+
+BUDGET = "x-ms-ratelimit-burst-remaining-xrm-requests"
+
+
+@pytest.mark.parametrize(
+    ("value", "budget"),
+    [("7999", 7999), ("0", 0), ("1,200", 1200), (" 12.0 ", 12), ("-3", 0), ("many", None), ("inf", None)],
+)
+def test_the_remaining_budget_is_read_from_dataverses_header(value: str, budget: int | None) -> None:
+    assert remaining_budget(httpx.Response(200, headers={BUDGET: value})) == budget
+
+
+def test_no_header_is_no_budget() -> None:
+    assert remaining_budget(httpx.Response(200)) is None
+
+
+@pytest.fixture
+def gate(clock: ManualClock) -> SendGate:
+    return SendGate(clock, clock.sleep, window_seconds=60)
+
+
+@pytest.fixture
+def paced_client(http: httpx.AsyncClient, clock: ManualClock, gate: SendGate) -> DynamicsClient:
+    return DynamicsClient(http, BASE, StaticTokenProvider(TOKEN), clock=clock, timeout=3.0, gate=gate)
+
+
+async def test_an_answer_hands_its_budget_to_the_gate(
+    paced_client: DynamicsClient, router: respx.Router, gate: SendGate
+) -> None:
+    router.put(UPSERT_URL).mock(return_value=httpx.Response(200, headers={BUDGET: "41"}))
+
+    await paced_client.upsert_certification(make_upsert())
+
+    assert (gate.available(), gate.in_flight) == (41, 0)
+
+
+async def test_a_spent_budget_holds_the_next_request_until_the_window_frees(
+    paced_client: DynamicsClient, router: respx.Router, gate: SendGate, clock: ManualClock
+) -> None:
+    route = router.put(UPSERT_URL).mock(return_value=httpx.Response(200, headers={BUDGET: "0"}))
+
+    await paced_client.upsert_certification(make_upsert())
+    await paced_client.upsert_certification(make_upsert())
+
+    assert route.call_count == 2
+    assert clock.sleeps == [pytest.approx(60.001)]
+
+
+async def test_a_refusal_and_a_transport_failure_give_the_permit_back(
+    paced_client: DynamicsClient, router: respx.Router, gate: SendGate, clock: ManualClock
+) -> None:
+    router.put(UPSERT_URL).mock(
+        side_effect=[httpx.Response(429, headers={"Retry-After": "2", BUDGET: "0"}), httpx.ConnectError("x")]
+    )
+
+    for _ in range(2):
+        with pytest.raises(TransientDynamicsError):
+            await paced_client.upsert_certification(make_upsert())
+
+    assert gate.in_flight == 0
+    # The 429 took no slot and nothing of ours is in the window: the next request is a probe, not a wait.
+    await gate.acquire()
+    assert clock.sleeps == []
+
+
+async def test_the_401_retry_is_a_second_exchange_through_the_gate(
+    http: httpx.AsyncClient, router: respx.Router, gate: SendGate, clock: ManualClock
+) -> None:
+    tokens = RotatingTokens()
+    client = DynamicsClient(http, BASE, tokens, clock=clock, gate=gate)
+    router.put(UPSERT_URL).mock(
+        side_effect=[httpx.Response(401, headers={BUDGET: "9"}), httpx.Response(200, headers={BUDGET: "8"})]
+    )
+
+    await client.upsert_certification(make_upsert())
+
+    assert (gate.available(), gate.in_flight) == (8, 0)

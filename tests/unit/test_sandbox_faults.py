@@ -147,6 +147,37 @@ def test_the_concurrency_cap_refuses_while_slots_are_held_and_admits_once_one_fi
     assert faults.in_flight == 2
 
 
+def test_every_decision_under_the_window_says_how_many_requests_it_has_left() -> None:
+    clock = ManualClock()
+    faults = engine(FaultScript(rate_limit=RateLimit(requests=2, window_seconds=10, max_concurrent=5)), clock)
+
+    first = faults.decide(*PUT)
+    second = faults.decide(*PUT)
+    refused = faults.decide(*PUT)
+    clock.advance(10)
+    admitted = faults.decide(*PUT)
+
+    assert [first.budget, second.budget, refused.budget, admitted.budget] == [1, 0, 0, 1]
+    assert faults.decide("GET", "/api/v1/contract").budget == 0  # scope "any": every request counts
+
+
+def test_a_concurrency_refusal_still_reports_the_windows_budget_and_no_request_limit_reports_none() -> None:
+    faults = engine(FaultScript(rate_limit=RateLimit(requests=10, window_seconds=10, max_concurrent=1)))
+    faults.decide(*PUT)
+    refused = faults.decide(*PUT)
+    assert (refused.fault, refused.budget) == ("rate_limit:concurrency", 9)
+
+    only_concurrency = engine(FaultScript(rate_limit=RateLimit(max_concurrent=1)))
+    assert only_concurrency.decide(*PUT).budget is None
+    assert engine(FaultScript()).decide(*PUT).budget is None
+
+
+def test_put_scoped_limits_report_nothing_for_other_requests() -> None:
+    faults = engine(FaultScript(rate_limit=RateLimit(requests=5, window_seconds=10, scope="put")))
+    assert faults.decide("GET", "/api/v1/contract").budget is None
+    assert faults.decide(*PUT).budget == 4
+
+
 def test_a_scripted_fault_takes_precedence_and_does_not_count_toward_the_window() -> None:
     faults = engine(
         FaultScript(steps=(FaultStep(status=503),), rate_limit=RateLimit(requests=1, window_seconds=60))

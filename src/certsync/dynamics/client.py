@@ -12,14 +12,16 @@ the sandbox). Every answer is classified by one function, ``classify_response``,
     timeouts, transport errors    TransientDynamicsError ("timeout: ReadTimeout", "transport: ConnectError")
 
 The client makes exactly one attempt per call (plus the one 401 refresh): retries, back-off and the circuit
-breaker belong to ``HLFDynamicsSyncService``. Each HTTP exchange is logged once as ``dynamics_request``
-with method, path, status or error class and duration; never a token, secret or name.
+breaker belong to ``HLFDynamicsSyncService``. Given a ``SendGate``, every portal exchange takes a permit
+from it first and hands back the budget the portal reported with the answer (``remaining_budget``), so
+that sends wait for the window to free instead of collecting 429s. Each HTTP exchange is logged once as
+``dynamics_request`` with method, path, status or error class and duration; never a token, secret or name.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, TypeVar
@@ -38,6 +40,7 @@ from certsync.dynamics.errors import (
     TransientDynamicsError,
 )
 from certsync.resilience.clock import Clock, SystemClock
+from certsync.resilience.gate import SendGate
 from certsync.resilience.retry import parse_retry_after
 
 if TYPE_CHECKING:
@@ -53,7 +56,9 @@ __all__ = [
     "DynamicsClient",
     "classify_response",
     "encode_body",
+    "paced",
     "parse_body",
+    "remaining_budget",
     "send",
 ]
 
@@ -62,6 +67,8 @@ log = structlog.get_logger(__name__)
 CERTIFICATION_PATH = "/api/v1/certifications/{certification_id}"
 CONTRACT_PATH = "/api/v1/contract"
 PUBLIC_LISTING_PATH = "/api/v1/public-listing"
+BURST_REMAINING_HEADER = "x-ms-ratelimit-burst-remaining-xrm-requests"
+"""Dataverse: the requests left in the service-protection window, sent with every Web API answer."""
 
 _Body = TypeVar("_Body", bound=BaseModel)
 
@@ -98,6 +105,7 @@ class DynamicsClient:
         signer: RequestSigner | None = None,
         clock: Clock | None = None,
         timeout: float = 10.0,
+        gate: SendGate | None = None,
     ) -> None:
         self._http = http
         self._base_url = base_url.rstrip("/")
@@ -105,6 +113,7 @@ class DynamicsClient:
         self._signer = signer
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._timeout = timeout
+        self._gate = gate
 
     async def upsert_certification(self, body: CertificationUpsert) -> DeliveryReceipt:
         """PUT one certification's state; raises a ``DynamicsError`` unless the portal answered 2xx."""
@@ -142,16 +151,19 @@ class DynamicsClient:
         """One request with a bearer token; a 401 gets exactly one retry with a freshly fetched token."""
 
         async def attempt(token: str) -> httpx.Response:
-            return await send(
-                self._http,
-                method,
-                self._base_url + path,
-                clock=self._clock,
-                request_timeout=self._timeout,
-                headers={**(headers or {}), "Authorization": f"Bearer {token}"},
-                content=content,
-                log_fields={"event_id": event_id} if event_id is not None else None,
-            )
+            def exchange() -> Awaitable[httpx.Response]:
+                return send(
+                    self._http,
+                    method,
+                    self._base_url + path,
+                    clock=self._clock,
+                    request_timeout=self._timeout,
+                    headers={**(headers or {}), "Authorization": f"Bearer {token}"},
+                    content=content,
+                    log_fields={"event_id": event_id} if event_id is not None else None,
+                )
+
+            return await (exchange() if self._gate is None else paced(self._gate, exchange))
 
         token = await self._tokens.token()
         response = await attempt(token)
@@ -244,6 +256,36 @@ def classify_response(response: httpx.Response, now: datetime) -> None:
             f"{reason}: contract v{CONTRACT_VERSION} not accepted (portal accepts {listed})", status=status
         )
     raise PermanentDynamicsError(reason, status=status)
+
+
+async def paced(gate: SendGate, exchange: Callable[[], Awaitable[httpx.Response]]) -> httpx.Response:
+    """One exchange under the gate's pacing: a permit first, then the answer's budget handed back."""
+    permit = await gate.acquire()
+    try:
+        response = await exchange()
+    except BaseException:
+        gate.release(permit)
+        raise
+    gate.release(
+        permit,
+        remaining=remaining_budget(response),
+        admitted=response.status_code != httpx.codes.TOO_MANY_REQUESTS,
+    )
+    return response
+
+
+def remaining_budget(response: httpx.Response) -> int | None:
+    """The requests the portal says are left in its window (``None``: not reported or unreadable).
+
+    Dataverse formats numbers with group separators on some answers (``1,200.00``), so those are read too.
+    """
+    value = response.headers.get(BURST_REMAINING_HEADER)
+    if value is None:
+        return None
+    try:
+        return max(0, int(float(value.strip().replace(",", ""))))
+    except (ValueError, OverflowError):
+        return None
 
 
 def parse_body(model: type[_Body], response: httpx.Response) -> _Body:

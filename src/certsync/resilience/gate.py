@@ -1,11 +1,43 @@
-"""A shared pause for all sending: a 429 from the portal holds every request, not just the one.
+"""The one gate every request to the portal passes: a shared pause after a 429, and pacing before one.
 
-Dataverse's service-protection limits apply per user across all requests, so when one request is
-told to wait, every concurrent request of this process waits with it. Time is injected.
+Dataverse's service-protection limits apply per user across all requests, so the gate is shared by
+every concurrent sender of this process. It does two things:
+
+* **pause** (``pause_for`` / ``wait``): a 429's Retry-After holds every sender, not just the one told.
+* **pace** (``acquire`` / ``release``, called by ``DynamicsClient`` around each HTTP exchange): the
+  portal reports on every answer how many requests its sliding window has left
+  (``x-ms-ratelimit-burst-remaining-xrm-requests``). The gate counts the requests sent since that
+  answer and the ones of its own that have since left the window, and when nothing is left, new
+  sends wait until the oldest request leaves the window instead of being fired and refused. An
+  optional configured limit (``max_requests_per_window``) does the same for a portal that reports
+  nothing. The 429 backstop stays: a budget the gate could not see (another process, another server)
+  still ends in a 429 and a pause.
+
+Accounting, exact for one process against one server::
+
+    available = reported − sent since the reporting request + own requests aged out of the window
+                                                              since the report
+
+Every request is logged with when it was sent and when its answer arrived (a 429 is not logged: it
+took no slot). A slot is taken to free ``window_seconds`` after the answer, never before the portal
+frees it; and a request counts as aging out of a report only if it was sent less than a window before
+that report arrived, so it surely was in the window the portal counted. When the budget is spent,
+nothing is in flight and no own request will leave the window, one request is let through as a probe:
+its answer (a budget, or a 429 with Retry-After) is the only way to learn more.
+
+Concurrent requests may reach the portal in another order than they were sent, so "sent since the
+reporting request" counts every request in flight when the report arrives (one sent earlier may have
+been overtaken and not be in it); such a request is taken back off only if it is refused. In steady
+flow the next report comes within one answer, so this costs a slot or two at the end of a window,
+never a 429. Time is injected.
 """
 
 from __future__ import annotations
 
+import asyncio
+import math
+from collections import deque
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import structlog
@@ -14,14 +46,70 @@ from certsync.resilience.clock import Clock, Sleep
 
 log = structlog.get_logger(__name__)
 
+DATAVERSE_WINDOW_SECONDS = 300.0
+"""Dataverse evaluates its request-count limit over a five-minute sliding window."""
+
+SLOT_MARGIN_SECONDS = 0.001
+"""A slot is taken to free this long after ``window_seconds`` past its answer: the portal's own clock
+and rounding decide the exact instant, and a request sent on the boundary itself may still count."""
+
+
+@dataclass(frozen=True, slots=True)
+class SendPermit:
+    """One request let through by ``SendGate.acquire``; hand it back to ``release`` when answered."""
+
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Report:
+    """The latest budget the portal reported, and what is needed to age it."""
+
+    seq: int  # the permit whose answer carried it
+    remaining: int
+    at: float  # when it arrived
+    logged: int  # own requests logged (ever) when it arrived, the reporting request included
+
+
+@dataclass(frozen=True, slots=True)
+class _Answered:
+    sent: float
+    answered: float
+
 
 class SendGate:
-    """Holds callers of ``wait()`` until the latest ``pause_for`` has passed on the injected clock."""
+    """Holds senders while paused (a 429) or while the portal's remaining budget is spent."""
 
-    def __init__(self, clock: Clock, sleep: Sleep) -> None:
+    def __init__(
+        self,
+        clock: Clock,
+        sleep: Sleep,
+        *,
+        window_seconds: float = DATAVERSE_WINDOW_SECONDS,
+        max_requests_per_window: int | None = None,
+    ) -> None:
+        if window_seconds <= 0:
+            raise ValueError("window_seconds must be positive")
+        if max_requests_per_window is not None and max_requests_per_window < 1:
+            raise ValueError("max_requests_per_window must be at least 1 (or None: no configured limit)")
         self._clock = clock
         self._sleep = sleep
+        self._window = window_seconds
+        self._max_requests = max_requests_per_window
         self._paused_until: datetime | None = None
+        self._epoch = clock.now()
+        self._seq = 0
+        self._in_flight: dict[int, float] = {}  # permit seq -> when it was let through
+        self._answered: deque[_Answered] = deque()  # own admitted requests in the window, by answer
+        self._pruned = 0  # how many entries have left ``_answered`` (aged out of the window)
+        self._report: _Report | None = None
+        self._aged = 0  # requests counted in the report that have left the window since
+        self._since_report = 0  # requests the report may not include: in flight at it, or sent after it
+        self._overtaken: set[int] = set()  # in flight at the report but sent before the reporting one
+        self._changed = asyncio.Event()
+        self._pacing = False
+
+    # --- pause: a 429 holds everyone ---------------------------------------------------------------
 
     @property
     def paused_until(self) -> datetime | None:
@@ -35,6 +123,7 @@ class SendGate:
             log.warning("sending_paused", seconds=round(seconds, 3), reason=reason)
 
     def remaining(self) -> float:
+        """Seconds left of the current pause (0.0 when not paused)."""
         if self._paused_until is None:
             return 0.0
         return max(0.0, (self._paused_until - self._clock.now()).total_seconds())
@@ -43,3 +132,129 @@ class SendGate:
         """Return at once when not paused; otherwise sleep until the pause (possibly extended) ends."""
         while (left := self.remaining()) > 0:
             await self._sleep(left)
+
+    # --- pacing: spend the portal's budget, never more ---------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def available(self) -> int | None:
+        """Requests that may still be sent in the window now; ``None`` when nothing limits them."""
+        self._prune(self._seconds())
+        return _smallest(self._reported_available(), self._configured_available())
+
+    async def acquire(self) -> SendPermit:
+        """Wait out any pause and until the budget allows one more request; then count it as sent."""
+        while True:
+            await self.wait()
+            now = self._seconds()
+            self._prune(now)
+            go, wake_at = self._decide()
+            if go:
+                break
+            if not self._pacing:
+                self._pacing = True
+                log.info("sending_paced", in_flight=len(self._in_flight), window_seconds=self._window)
+            # Whole microseconds, rounded up: the clock's resolution, so a wake is never just too early.
+            await self._until_changed(None if wake_at is None else math.ceil((wake_at - now) * 1e6) / 1e6)
+        if self._pacing:
+            self._pacing = False
+            log.info("sending_resumed")
+        self._seq += 1
+        self._in_flight[self._seq] = self._seconds()
+        self._since_report += 1
+        return SendPermit(self._seq)
+
+    def release(self, permit: SendPermit, *, remaining: int | None = None, admitted: bool = True) -> None:
+        """The request of ``permit`` is over: answered (``admitted`` unless refused with 429) or failed.
+
+        ``remaining`` is the budget the portal reported with the answer, if it reported one.
+        """
+        sent = self._in_flight.pop(permit.seq, None)
+        if sent is None:
+            return
+        now = self._seconds()
+        self._prune(now)
+        if admitted:
+            self._answered.append(_Answered(sent, now))
+        report = self._report
+        if remaining is not None and (report is None or permit.seq > report.seq):
+            self._report = _Report(
+                seq=permit.seq,
+                remaining=max(0, remaining),
+                at=now,
+                logged=self._pruned + len(self._answered),
+            )
+            self._aged = 0
+            self._since_report = len(self._in_flight)
+            self._overtaken = {seq for seq in self._in_flight if seq < permit.seq}
+        elif permit.seq in self._overtaken:
+            self._overtaken.discard(permit.seq)
+            if not admitted:
+                self._since_report -= 1  # refused: it took no slot
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _reported_available(self) -> int | None:
+        report = self._report
+        if report is None:
+            return None
+        return report.remaining + self._aged - self._since_report
+
+    def _configured_available(self) -> int | None:
+        if self._max_requests is None:
+            return None
+        return self._max_requests - len(self._answered) - len(self._in_flight)
+
+    def _decide(self) -> tuple[bool, float | None]:
+        """Whether one more request may go now; if not, when a slot frees (``None``: at an answer)."""
+        blocked: list[float | None] = []
+        reported = self._reported_available()
+        if reported is not None and reported <= 0:
+            report = self._report
+            assert report is not None
+            # Only own requests that were in the window when the budget was reported free a slot of it.
+            frees_at = self._oldest_expiry() if self._pruned < report.logged else None
+            if frees_at is not None or self._in_flight:
+                blocked.append(frees_at)
+            # else: nothing in flight and no slot of ours to free: let one request through as a probe.
+        configured = self._configured_available()
+        if configured is not None and configured <= 0:
+            blocked.append(self._oldest_expiry())
+        if not blocked:
+            return True, None
+        known = [moment for moment in blocked if moment is not None]
+        return False, min(known) if known else None
+
+    def _oldest_expiry(self) -> float | None:
+        return self._answered[0].answered + self._window + SLOT_MARGIN_SECONDS if self._answered else None
+
+    def _prune(self, now: float) -> None:
+        answered, window, report = self._answered, self._window, self._report
+        while answered and answered[0].answered + window + SLOT_MARGIN_SECONDS <= now:
+            entry = answered.popleft()
+            if report is not None and self._pruned < report.logged and entry.sent > report.at - window:
+                self._aged += 1
+            self._pruned += 1
+
+    def _seconds(self) -> float:
+        return (self._clock.now() - self._epoch).total_seconds()
+
+    async def _until_changed(self, delay: float | None) -> None:
+        """Until an answer changes the accounting, or ``delay`` seconds (on the injected sleep) pass."""
+        changed = self._changed.wait()
+        if delay is None:
+            await changed
+            return
+        waiters = {asyncio.ensure_future(changed), asyncio.ensure_future(self._sleep(max(0.0, delay)))}
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+
+def _smallest(*values: int | None) -> int | None:
+    known = [value for value in values if value is not None]
+    return min(known) if known else None

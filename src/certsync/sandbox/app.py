@@ -75,9 +75,13 @@ class SandboxApp(FastAPI):
         answered: dict[str, Any] = {"status": None, "outcome": None}
         scope[_OUTCOME_KEY] = answered
 
+        budget = _budget_header(decision)
+
         async def capturing_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 answered["status"] = message["status"]
+                if budget is not None:
+                    message = {**message, "headers": [*message.get("headers", ()), budget]}
             await send(message)
 
         try:
@@ -110,6 +114,16 @@ class SandboxApp(FastAPI):
                 has_authorization=entry.has_authorization,
                 delay_ms=entry.delay_ms,
             )
+
+
+BURST_REMAINING_HEADER = b"x-ms-ratelimit-burst-remaining-xrm-requests"
+
+
+def _budget_header(decision: FaultDecision) -> tuple[bytes, bytes] | None:
+    """Dataverse's remaining-requests header for an answer under the rate limit, else ``None``."""
+    if decision.budget is None:
+        return None
+    return BURST_REMAINING_HEADER, str(decision.budget).encode()
 
 
 async def _send_fault(decision: FaultDecision, send: Send) -> None:

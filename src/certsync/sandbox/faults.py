@@ -7,7 +7,9 @@ A ``FaultScript`` is a value (parsed from the admin API's JSON or the command li
 1. scripted steps, strictly in order: the next N requests answer a status (503, 429, 401, ...) or lose
    their connection; a step whose scope does not match the request lets it pass without using it up;
 2. Dataverse-style service-protection limits: at most ``requests`` per sliding ``window_seconds`` and
-   at most ``max_concurrent`` in flight, else 429 with ``Retry-After``;
+   at most ``max_concurrent`` in flight, else 429 with ``Retry-After`` (whole seconds, as Dataverse
+   sends it); every answer in the limit's scope says how many requests the window has left, in
+   Dataverse's ``x-ms-ratelimit-burst-remaining-xrm-requests``;
 3. latency, fixed or uniformly random (seeded), added to every request before it is answered.
 
 Time comes from an injected monotonic function so that the window logic is tested without waiting.
@@ -201,7 +203,9 @@ class FaultDecision:
     """What to do with one request: let it ``pass``, ``respond`` with ``status``, or ``drop`` it.
 
     ``fault`` names what was applied for the request log; ``delay`` is seconds to wait first;
-    ``holds_slot`` says the request counts as in flight until ``FaultEngine.finish`` is called.
+    ``holds_slot`` says the request counts as in flight until ``FaultEngine.finish`` is called;
+    ``budget`` is how many requests the rate limit's window has left after this one (``None``: no
+    request limit applies to it), sent as ``x-ms-ratelimit-burst-remaining-xrm-requests``.
     """
 
     action: Action
@@ -210,6 +214,7 @@ class FaultDecision:
     fault: str | None = None
     delay: float = 0.0
     holds_slot: bool = False
+    budget: int | None = None
 
 
 PASS = FaultDecision(action="pass")
@@ -294,6 +299,7 @@ class FaultEngine:
                 status=429,
                 retry_after=max(1, math.ceil(frees_in)),
                 fault="rate_limit:window",
+                budget=0,
             )
         if limit.max_concurrent is not None and self._in_flight >= limit.max_concurrent:
             return FaultDecision(
@@ -301,10 +307,14 @@ class FaultEngine:
                 status=429,
                 retry_after=DEFAULT_429_RETRY_AFTER,
                 fault="rate_limit:concurrency",
+                budget=self._budget(limit),
             )
         self._admitted.append(now)
         self._in_flight += 1
-        return FaultDecision(action="pass", holds_slot=True)
+        return FaultDecision(action="pass", holds_slot=True, budget=self._budget(limit))
+
+    def _budget(self, limit: RateLimit) -> int | None:
+        return None if limit.requests is None else limit.requests - len(self._admitted)
 
     def _delay(self, method: str, path: str) -> float:
         latency = self._script.latency
