@@ -57,6 +57,7 @@ def recorded(client: httpx.Client) -> list[dict[str, Any]]:
 
 
 DEFAULT_CONFIG = SandboxConfig(static_tokens=(TOKEN,))
+BUDGET = "x-ms-ratelimit-burst-remaining-xrm-requests"
 
 
 @pytest.fixture(scope="module")

@@ -123,6 +123,29 @@ async def test_when_nothing_can_free_a_slot_one_probe_goes_and_the_rest_wait_for
     assert clock.sleeps == []
 
 
+async def test_a_request_that_may_have_been_counted_frees_one_probe_when_it_leaves_the_window() -> None:
+    clock = SteppingClock()
+    gate = gate_on(clock)
+    early = await gate.acquire()  # sent at t=0, answered at t=1: admitted somewhere in between
+    clock.advance(1.0)
+    gate.release(early, remaining=5)
+    clock.advance(8.5)
+    reporter = await gate.acquire()  # sent at t=9.5, answered at t=10.5
+    clock.advance(1.0)
+    gate.release(reporter, remaining=0)
+    # Whether the portal still counted ``early`` when it admitted the reporter depends on when each
+    # reached it: when ``early`` leaves the window (t=11.001) one request goes alone to find out.
+    probe = asyncio.create_task(gate.acquire())
+    follower = asyncio.create_task(gate.acquire())
+    clock.advance(0.5)
+    assert not await settled(probe)
+    clock.advance(SLOT_MARGIN_SECONDS)
+    assert await settled(probe)
+    assert not await settled(follower)
+    gate.release(probe.result(), remaining=3)
+    assert await settled(follower)
+
+
 async def test_an_older_answer_does_not_overwrite_a_newer_report() -> None:
     clock = SteppingClock()
     gate = gate_on(clock)
@@ -133,14 +156,18 @@ async def test_an_older_answer_does_not_overwrite_a_newer_report() -> None:
     assert gate.available() == 4
 
 
-async def test_a_request_in_flight_at_a_report_counts_against_it_unless_it_is_refused() -> None:
+async def test_a_request_in_flight_at_a_report_counts_against_it_until_its_answer_shows_otherwise() -> None:
     clock = SteppingClock()
     gate = gate_on(clock)
     overtaken, reporter = await gate.acquire(), await gate.acquire()
     gate.release(reporter, remaining=3)
     assert gate.available() == 2
-    gate.release(overtaken, remaining=2)
+    gate.release(overtaken, remaining=2)  # fewer left than the report: admitted after it
     assert gate.available() == 2
+    earlier, reporter = await gate.acquire(), await gate.acquire()
+    gate.release(reporter, remaining=3)
+    gate.release(earlier, remaining=4)  # more left than the report: admitted before it, so counted in it
+    assert gate.available() == 3
     refused, reporter = await gate.acquire(), await gate.acquire()
     gate.release(reporter, remaining=3)
     gate.release(refused, remaining=0, admitted=False)

@@ -21,15 +21,19 @@ Accounting, exact for one process against one server::
 Every request is logged with when it was sent and when its answer arrived (a 429 is not logged: it
 took no slot). A slot is taken to free ``window_seconds`` after the answer, never before the portal
 frees it; and a request counts as aging out of a report only if it was sent less than a window before
-that report arrived, so it surely was in the window the portal counted. When the budget is spent,
+that report arrived, so it surely was in the window the portal counted. One sent less than a window
+before the reporting request was sent, but not less than a window before its answer, may or may not
+have been counted (it depends on when each reached the portal): when it ages out and the budget is
+spent, one request goes alone to find out, and its answer brings a fresh budget. When the budget is spent,
 nothing is in flight and no own request will leave the window, one request is let through as a probe:
 its answer (a budget, or a 429 with Retry-After) is the only way to learn more.
 
 Concurrent requests may reach the portal in another order than they were sent, so "sent since the
 reporting request" counts every request in flight when the report arrives (one sent earlier may have
-been overtaken and not be in it); such a request is taken back off only if it is refused. In steady
-flow the next report comes within one answer, so this costs a slot or two at the end of a window,
-never a 429. Time is injected.
+been overtaken and not be in it). Such a request is taken back off when its own answer shows the
+portal counted it before the report: it was refused, or it reports more left than the report did.
+(Two slots freeing between the two admissions could make that wrong by one: a rare 429, which the
+pause handles.) Time is injected.
 """
 
 from __future__ import annotations
@@ -67,7 +71,8 @@ class _Report:
 
     seq: int  # the permit whose answer carried it
     remaining: int
-    at: float  # when it arrived
+    sent: float  # when the reporting request was let through: the portal counted it after this
+    at: float  # when its answer arrived: the portal counted it before this
     logged: int  # own requests logged (ever) when it arrived, the reporting request included
 
 
@@ -103,7 +108,8 @@ class SendGate:
         self._answered: deque[_Answered] = deque()  # own admitted requests in the window, by answer
         self._pruned = 0  # how many entries have left ``_answered`` (aged out of the window)
         self._report: _Report | None = None
-        self._aged = 0  # requests counted in the report that have left the window since
+        self._aged = 0  # requests surely counted in the report that have left the window since
+        self._maybe_aged = 0  # requests that may have been counted in it and have left the window
         self._since_report = 0  # requests the report may not include: in flight at it, or sent after it
         self._overtaken: set[int] = set()  # in flight at the report but sent before the reporting one
         self._changed = asyncio.Event()
@@ -150,17 +156,27 @@ class SendGate:
             await self.wait()
             now = self._seconds()
             self._prune(now)
-            go, wake_at = self._decide()
+            go, wake_at, probe = self._decide()
             if go:
                 break
             if not self._pacing:
                 self._pacing = True
-                log.info("sending_paced", in_flight=len(self._in_flight), window_seconds=self._window)
+                report = self._report
+                log.debug(
+                    "sending_paced",
+                    in_flight=len(self._in_flight),
+                    reported=None if report is None else report.remaining,
+                    aged=self._aged,
+                    since_report=self._since_report,
+                    frees_in=None if wake_at is None else round(wake_at - now, 3),
+                )
             # Whole microseconds, rounded up: the clock's resolution, so a wake is never just too early.
             await self._until_changed(None if wake_at is None else math.ceil((wake_at - now) * 1e6) / 1e6)
         if self._pacing:
             self._pacing = False
-            log.info("sending_resumed")
+            log.debug("sending_resumed")
+        if probe:
+            self._maybe_aged -= 1
         self._seq += 1
         self._in_flight[self._seq] = self._seconds()
         self._since_report += 1
@@ -183,16 +199,18 @@ class SendGate:
             self._report = _Report(
                 seq=permit.seq,
                 remaining=max(0, remaining),
+                sent=sent,
                 at=now,
                 logged=self._pruned + len(self._answered),
             )
-            self._aged = 0
+            self._aged = self._maybe_aged = 0
             self._since_report = len(self._in_flight)
             self._overtaken = {seq for seq in self._in_flight if seq < permit.seq}
         elif permit.seq in self._overtaken:
             self._overtaken.discard(permit.seq)
-            if not admitted:
-                self._since_report -= 1  # refused: it took no slot
+            assert report is not None
+            if not admitted or (remaining is not None and remaining > report.remaining):
+                self._since_report -= 1  # refused, or the portal counted it before the report
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -207,25 +225,30 @@ class SendGate:
             return None
         return self._max_requests - len(self._answered) - len(self._in_flight)
 
-    def _decide(self) -> tuple[bool, float | None]:
-        """Whether one more request may go now; if not, when a slot frees (``None``: at an answer)."""
+    def _decide(self) -> tuple[bool, float | None, bool]:
+        """Whether one more request may go now; if not, when a slot frees (``None``: at an answer);
+        and whether it goes as a probe on a slot that may have freed."""
         blocked: list[float | None] = []
+        probe = False
         reported = self._reported_available()
         if reported is not None and reported <= 0:
             report = self._report
             assert report is not None
             # Only own requests that were in the window when the budget was reported free a slot of it.
             frees_at = self._oldest_expiry() if self._pruned < report.logged else None
-            if frees_at is not None or self._in_flight:
+            if not self._in_flight and (self._maybe_aged > 0 or frees_at is None):
+                # A request that may have been counted has left the window, or nothing else can tell:
+                # one request goes alone, and its answer brings a fresh budget.
+                probe = self._maybe_aged > 0
+            else:
                 blocked.append(frees_at)
-            # else: nothing in flight and no slot of ours to free: let one request through as a probe.
         configured = self._configured_available()
         if configured is not None and configured <= 0:
             blocked.append(self._oldest_expiry())
         if not blocked:
-            return True, None
+            return True, None, probe
         known = [moment for moment in blocked if moment is not None]
-        return False, min(known) if known else None
+        return False, min(known) if known else None, False
 
     def _oldest_expiry(self) -> float | None:
         return self._answered[0].answered + self._window + SLOT_MARGIN_SECONDS if self._answered else None
@@ -234,8 +257,11 @@ class SendGate:
         answered, window, report = self._answered, self._window, self._report
         while answered and answered[0].answered + window + SLOT_MARGIN_SECONDS <= now:
             entry = answered.popleft()
-            if report is not None and self._pruned < report.logged and entry.sent > report.at - window:
-                self._aged += 1
+            if report is not None and self._pruned < report.logged:
+                if entry.sent > report.at - window:
+                    self._aged += 1  # it reached the portal less than a window before the report
+                elif entry.sent > report.sent - window:
+                    self._maybe_aged += 1  # it may have, depending on when each reached the portal
             self._pruned += 1
 
     def _seconds(self) -> float:
