@@ -303,14 +303,6 @@ class PrivateServer:
 
         pgserver.pg_ctl(list(args), pgdata=self.server.pgdata, user=self.server.system_user, timeout=30)
 
-    def running(self) -> bool:
-        """Whether a postmaster serves this data directory (``pg_ctl status``)."""
-        try:
-            self._pg_ctl("status")
-        except subprocess.CalledProcessError:
-            return False
-        return True
-
     def stop(self) -> None:
         """Fast shutdown: every connection is cut, as when the database host restarts."""
         self._pg_ctl("-w", "-m", "fast", "stop")
@@ -319,6 +311,29 @@ class PrivateServer:
         self._pg_ctl(
             "-w", "-o", '-h ""', "-o", f"-k {self.socket_dir}", "-l", str(self.server.pgdata / "log"), "start"
         )
+
+    def close(self) -> None:
+        """Stop whichever postmaster serves the data directory, then let pgserver remove it.
+
+        pgserver's cleanup stops only the postmaster it started itself: after a stop() and start() here that
+        one is gone, so it skipped the stop and deleted the data directory under the running server, which
+        outlived the run. pg_ctl cannot be relied on at the end either: it runs as the ``pgserver`` user, and
+        any pytest session started meanwhile makes /tmp/pytest-of-<user> private again (0700), so pg_ctl
+        is refused the directory. Hence what ``pg_ctl -m fast stop`` does, from this process: SIGINT to the
+        postmaster named in postmaster.pid, then wait for it to exit.
+        """
+        import psutil
+
+        pid_file = self.server.pgdata / "postmaster.pid"
+        if pid_file.exists():
+            try:
+                postmaster = psutil.Process(int(pid_file.read_text().split("\n", 1)[0]))
+                if str(self.server.pgdata) in postmaster.cmdline():
+                    postmaster.send_signal(signal.SIGINT)
+                    postmaster.wait(timeout=30)
+            except psutil.NoSuchProcess:
+                pass  # a stale pid file: nothing serves the directory
+        self.server.cleanup()
 
     def migrated_database(self) -> str:
         """A new database on this server with every migration applied; its URL."""
@@ -334,11 +349,7 @@ def private_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Private
         server = pgserver.get_server(tmp_path_factory.mktemp("pg") / "data", cleanup_mode="delete")
     private = PrivateServer(server, str(server.get_uri()))
     yield private
-    # pgserver's cleanup stops only the postmaster it started itself; after a stop() and start() here that
-    # one is gone, so cleanup would skip the stop and delete the data directory under the running one.
-    if private.running():
-        private.stop()
-    server.cleanup()
+    private.close()
 
 
 # certsync worker subprocesses ----------------------------------------------------------------------------
