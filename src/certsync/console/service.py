@@ -36,7 +36,11 @@ ACTIONABLE = ("pending", "requires_investigation")
 MAX_SELECTION = 10_000
 """A filtered replay or discard acts on at most this many entries (the confirmation says so)."""
 
-Reason = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500)]
+# PostgreSQL text cannot hold NUL: refused as bad input (422) rather than failing in the database.
+_NO_NUL = r"^[^\x00]*$"
+Reason = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500, pattern=_NO_NUL)
+]
 
 
 class BadInput(ValueError):
@@ -49,7 +53,9 @@ class QueueFilterParams(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     status: StatusFilter | None = None
-    operation_type: Annotated[str, StringConstraints(strip_whitespace=True, max_length=100)] | None = None
+    operation_type: (
+        Annotated[str, StringConstraints(strip_whitespace=True, max_length=100, pattern=_NO_NUL)] | None
+    ) = None
     certification_id: UUID | None = None
     created_from: datetime | None = Field(default=None, description="created at or after")
     created_to: datetime | None = Field(default=None, description="created before")
