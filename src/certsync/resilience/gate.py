@@ -11,7 +11,9 @@ every concurrent sender of this process. It does two things:
   sends wait until the oldest request leaves the window instead of being fired and refused. An
   optional configured limit (``max_requests_per_window``) does the same for a portal that reports
   nothing. The 429 backstop stays: a budget the gate could not see (another process, another server)
-  still ends in a 429 and a pause.
+  still ends in a 429 and a pause. Microsoft documents the header as "for debugging" because it is
+  per web server: it is only meaningful while requests keep reaching the same server, which the
+  httpx client's cookie jar does by keeping Dataverse's affinity cookie.
 
 Accounting, exact for one process against one server::
 
