@@ -229,18 +229,18 @@ async def test_replaying_ten_thousand_entries_runs_in_bounded_memory(
     """A bulk replay holds one page of entries at a time, never the whole queue.
 
     Measured: the traced memory held after every ``SAMPLE_EVERY``-th replay, leaving out what was
-    allocated inside an ``import`` statement. That is the interpreter's, not the replay's: httpcore runs
-    ``import sniffio`` each time it sets up a lock or an event (several times a request); sniffio is not
-    installed (anyio 4.16 no longer depends on it), so each of those imports fails after walking the
-    import finders, pytest's assertion-rewrite finder among them, whose ``pathlib`` calls ``sys.intern``
-    on path parts that are freed again. Their deleted slots fill the interpreter's table of interned
-    strings until, about 9,600 replays in, it is rebuilt: one 3.84 MB block (2**18 slots: the size the
-    rebuild gives a table of more than 43,690 live strings, whatever the number of requests), kept from
-    then on. That was the "late allocation" of the plain ``get_traced_memory()`` peak (4.9 MB); its
-    traceback: ``client.send`` -> httpx -> httpcore ``_synchronization.py`` ``import sniffio`` ->
-    ``importlib`` -> pytest ``_early_rewrite_bailout`` -> ``pathlib.parse_parts`` -> ``sys.intern``.
-    A tracemalloc peak cannot be filtered, so the held memory is sampled: the rows of a page stay held
-    across that page's replays, so a replay that loaded every row first is caught.
+    allocated inside an ``import`` statement, which is the interpreter's, not the replay's. This is what
+    made the plain ``get_traced_memory()`` peak 4.9 MB: httpcore runs ``import sniffio`` each time it
+    sets up a lock or an event (several times a request), and while sniffio was not installed (anyio 4.16
+    no longer depends on it; certsync depends on it since b99d786) each of those imports failed after
+    walking the import finders, pytest's assertion-rewrite finder among them, whose ``pathlib`` calls
+    ``sys.intern`` on path parts that are freed again. Their deleted slots filled the interpreter's table
+    of interned strings until, about 9,600 replays in, it was rebuilt: one 3.84 MB block (2**18 slots:
+    the size a rebuild gives a table of more than 43,690 live strings, whatever the number of requests),
+    kept from then on. Its traceback: ``client.send`` -> httpx -> httpcore ``_synchronization.py``
+    ``import sniffio`` -> ``importlib`` -> pytest ``_early_rewrite_bailout`` -> ``pathlib.parse_parts``
+    -> ``sys.intern``. A tracemalloc peak cannot be filtered, so the held memory is sampled: the rows of
+    a page stay held across that page's replays, so a replay that loaded every row first is caught.
     """
     await seed_pending_entries(pool, ENTRIES)
     # Production's JSON logging, written to /dev/null: pytest's in-memory capture of 10k replays' log
