@@ -66,6 +66,24 @@ async def test_without_a_report_or_a_limit_nothing_waits() -> None:
     assert gate.in_flight == 0
 
 
+async def test_without_a_budget_no_request_is_remembered() -> None:
+    # Nothing limits sending until the portal reports a budget, so the gate keeps no log of the requests
+    # answered meanwhile (a window's worth at a high rate would be hundreds of thousands). The price,
+    # only for a portal that starts reporting mid-run: when its first report says the budget is spent,
+    # only the reporting request is known to free a slot, not the unlogged ones answered before it.
+    clock = SteppingClock()
+    gate = gate_on(clock)
+    for _ in range(50):
+        gate.release(await gate.acquire())
+    clock.advance(WINDOW / 2)
+    gate.release(await gate.acquire(), remaining=0)
+    waiting = asyncio.create_task(gate.acquire())
+    clock.advance(WINDOW / 2 + 2 * SLOT_MARGIN_SECONDS)  # the 50 unlogged requests have left the window
+    assert not await settled(waiting)
+    clock.advance(WINDOW / 2)  # so has the reporting one: its slot frees
+    assert await settled(waiting)
+
+
 async def test_a_reported_budget_lets_exactly_that_many_more_go() -> None:
     clock = SteppingClock()
     gate = gate_on(clock)

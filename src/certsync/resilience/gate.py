@@ -194,7 +194,11 @@ class SendGate:
             return
         now = self._seconds()
         self._prune(now)
-        if admitted:
+        # The log only serves a budget (reported or configured): without one, keeping a window's worth
+        # of requests (hundreds of thousands at a high rate) would buy nothing. Requests answered before
+        # a first report are then missing from its accounting, which errs towards waiting: the probe
+        # finds out.
+        if admitted and (self._report is not None or remaining is not None or self._max_requests is not None):
             self._answered.append(_Answered(sent, now))
         report = self._report
         if remaining is not None and (report is None or permit.seq > report.seq):
