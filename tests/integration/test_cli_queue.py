@@ -23,10 +23,10 @@ from certsync.sandbox.server import SandboxServer
 from certsync.sandbox.state import SandboxConfig
 from certsync.store.pool import Pool
 from certsync.store.retry_queue import NewRetryEntry, RetryQueue
-from tests.integration.test_replay import ENTRIES, seed_pending_entries, traced_bytes_of_all_entries
 from tests.support.cli import assert_one_line_error, certsync, cli_env
+from tests.support.memory import traced_bytes_of_all_entries
 from tests.support.runtime import puts
-from tests.support.seed import seed_certifications, set_status
+from tests.support.seed import seed_certifications, seed_pending_entries, set_status
 
 pytestmark = pytest.mark.integration
 
@@ -288,6 +288,9 @@ def list_json_into(path: Path) -> int:
         return int(command.main(["queue", "list", "--json", "--limit", "0"], standalone_mode=False) or 0)
 
 
+ENTRIES = 10_000
+
+
 @pytest.mark.slow
 async def test_queue_list_json_streams_ten_thousand_entries_in_bounded_memory(
     pool: Pool, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -295,7 +298,7 @@ async def test_queue_list_json_streams_ten_thousand_entries_in_bounded_memory(
     await seed_pending_entries(pool, ENTRIES)
     for name, value in cli_env(database_url).items():
         monkeypatch.setenv(name, value)
-    all_at_once = await traced_bytes_of_all_entries(RetryQueue(pool))
+    all_at_once = await traced_bytes_of_all_entries(RetryQueue(pool), ENTRIES)
     output = tmp_path / "queue.json"
 
     gc.collect()

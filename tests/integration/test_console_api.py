@@ -36,10 +36,6 @@ from tests.support.seed import seed_certifications
 
 pytestmark = pytest.mark.integration
 
-# Re-exported while tests/integration/test_metrics.py still imports them from here; they live in
-# tests/support/console.py.
-__all__ = ["BASE", "console_settings", "failed_deliveries"]
-
 
 @pytest.fixture
 async def runtime(database_url: str, sandbox: SandboxServer) -> AsyncIterator[Runtime]:

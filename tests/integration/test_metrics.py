@@ -25,13 +25,11 @@ from certsync.sandbox.faults import FaultScript, FaultStep
 from certsync.sandbox.server import SandboxServer
 from certsync.store.pool import Pool
 from certsync.worker import WorkerOptions
-from tests.integration.test_console_api import BASE, console_settings, failed_deliveries
-from tests.integration.test_worker import FAST, sandbox
+from tests.support.console import BASE, console_settings, failed_deliveries
+from tests.support.runtime import FAST
 from tests.support.seed import seed_certifications
 
 pytestmark = pytest.mark.integration
-
-__all__ = ["sandbox"]
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

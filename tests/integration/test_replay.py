@@ -16,14 +16,13 @@ import pytest
 
 from certsync.app import Runtime, open_runtime
 from certsync.logs import configure_logging
-from certsync.replay import ReplayResult
 from certsync.sandbox.faults import FaultScript, FaultStep
 from certsync.sandbox.server import SandboxServer
 from certsync.sandbox.state import SandboxConfig
 from certsync.store.pool import Pool
-from certsync.store.retry_queue import RetryQueue
-from tests.integration.test_worker import FAST, puts, settings_for
-from tests.support.seed import seed_certifications, set_status
+from tests.support.memory import traced_bytes_of_all_entries
+from tests.support.runtime import FAST, puts, settings_for
+from tests.support.seed import seed_certifications, seed_pending_entries, set_status
 
 pytestmark = pytest.mark.integration
 
@@ -172,75 +171,21 @@ def sandbox_process(tmp_path: Any) -> Iterator[str]:
         process.wait(timeout=10)
 
 
-async def seed_pending_entries(pool: Pool, count: int) -> None:
-    """``count`` pending entries over ten certifications, with full request bodies, in one statement."""
-    certifications = await seed_certifications(pool, 10)
-    async with pool.connection() as conn:
-        await conn.execute(
-            """
-            insert into public.dynamics_sync_retry_queue
-              (operation_type, certification_id, payload_json, failure_reason, attempt_count, status,
-               failure_history)
-            select 'certification.status_changed', (%(ids)s::uuid[])[1 + i %% 10],
-                   jsonb_build_object('contract_version', 1, 'event_id', gen_random_uuid(),
-                                      'occurred_at', now(), 'publicly_listed', true,
-                                      'certification', private.certification_sync_state(c)),
-                   'retries exhausted: HTTP 503 Service Unavailable after 4 calls', 4, 'pending',
-                   jsonb_build_array(jsonb_build_object('at', now(), 'status', 'pending', 'attempts', 4))
-            from generate_series(1, %(count)s) as i
-            join public.certifications c on c.id = (%(ids)s::uuid[])[1 + i %% 10]
-            """,
-            {"ids": certifications, "count": count},
-        )
-
-
-FRAMES = 10
-"""Deep enough for an allocation made inside an ``import`` statement to show the import machinery."""
-SAMPLE_EVERY = 100
-"""Replays between two measurements of the memory held; a page of 500 rows is held across 5 of them."""
-
-
-def held_bytes() -> int:
-    """Traced memory held now, without what the import machinery allocated (see the test below)."""
-    return sum(
-        stat.size
-        for stat in tracemalloc.take_snapshot().statistics("traceback")
-        if not any(frame.filename.startswith("<frozen importlib._bootstrap") for frame in stat.traceback)
-    )
-
-
-async def traced_bytes_of_all_entries(queue: RetryQueue) -> int:
-    """What holding every entry at once would take: the yardstick a streamed replay must stay well under."""
-    gc.collect()
-    tracemalloc.start(FRAMES)
-    try:
-        rows = await queue.list_entries(status="pending", limit=ENTRIES)
-        held = held_bytes()
-        assert len(rows) == ENTRIES
-    finally:
-        tracemalloc.stop()
-    return held
-
-
 @pytest.mark.slow
 async def test_replaying_ten_thousand_entries_runs_in_bounded_memory(
     pool: Pool, database_url: str, sandbox_process: str, devnull: TextIO
 ) -> None:
     """A bulk replay holds one page of entries at a time, never the whole queue.
 
-    Measured: the traced memory held after every ``SAMPLE_EVERY``-th replay, leaving out what was
-    allocated inside an ``import`` statement, which is the interpreter's, not the replay's. This is what
-    made the plain ``get_traced_memory()`` peak 4.9 MB: httpcore runs ``import sniffio`` each time it
-    sets up a lock or an event (several times a request), and while sniffio was not installed (anyio 4.16
-    no longer depends on it; certsync depends on it since b99d786) each of those imports failed after
-    walking the import finders, pytest's assertion-rewrite finder among them, whose ``pathlib`` calls
-    ``sys.intern`` on path parts that are freed again. Their deleted slots filled the interpreter's table
-    of interned strings until, about 9,600 replays in, it was rebuilt: one 3.84 MB block (2**18 slots:
-    the size a rebuild gives a table of more than 43,690 live strings, whatever the number of requests),
-    kept from then on. Its traceback: ``client.send`` -> httpx -> httpcore ``_synchronization.py``
-    ``import sniffio`` -> ``importlib`` -> pytest ``_early_rewrite_bailout`` -> ``pathlib.parse_parts``
-    -> ``sys.intern``. A tracemalloc peak cannot be filtered, so the held memory is sampled: the rows of
-    a page stay held across that page's replays, so a replay that loaded every row first is caught.
+    Measured: the peak of traced memory over the whole replay. It was once 4.9 MB, from no fault of the
+    replay: httpcore runs ``import sniffio`` each time it sets up a lock (several times a request), and
+    while sniffio was not installed each import failed after walking the import finders, pytest's
+    assertion-rewrite finder among them, whose ``pathlib`` interns path parts that are freed again; their
+    deleted slots filled the interpreter's table of interned strings until, ~9,600 replays in, it was
+    rebuilt as one 3.84 MB block (traceback: httpcore ``_synchronization.py`` ``import sniffio`` ->
+    ``importlib`` -> pytest ``_early_rewrite_bailout`` -> ``pathlib`` -> ``sys.intern``). certsync
+    depends on sniffio since, which also saves ~15 % of a delivery's CPU; the SendGate keeps no request
+    log while no budget limits sending (it held ~1 MB here).
     """
     await seed_pending_entries(pool, ENTRIES)
     # Production's JSON logging, written to /dev/null: pytest's in-memory capture of 10k replays' log
@@ -248,40 +193,24 @@ async def test_replaying_ten_thousand_entries_runs_in_bounded_memory(
     # Rich's traceback machinery on the first warning, is not what runs in production).
     configure_logging("json", "info", stream=devnull)
     settings = settings_for(database_url, SimpleNamespace(url=sandbox_process))  # type: ignore[arg-type]
-    held: list[int] = []
-    replays = 0
-
-    def measure(_: ReplayResult) -> None:
-        nonlocal replays
-        replays += 1
-        if replays % SAMPLE_EVERY == 0:
-            held.append(held_bytes())
-
     async with open_runtime(settings) as runtime:
-        all_at_once = await traced_bytes_of_all_entries(runtime.queue)
+        all_at_once = await traced_bytes_of_all_entries(runtime.queue, ENTRIES)
         service = runtime.replay_service()
         gc.collect()
-        tracemalloc.start(FRAMES)
+        tracemalloc.start()
         try:
-            summary = await service.replay_all(status="pending", by=OPERATOR, on_result=measure)
-            _, unfiltered_peak = tracemalloc.get_traced_memory()
+            summary = await service.replay_all(status="pending", by=OPERATOR)
+            _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
         counts = await runtime.queue.counts()
 
     assert summary.results == {"replayed": ENTRIES}
     assert counts["replayed"][0] == ENTRIES
-    most_held = max(held)
-    print(
-        f"replay_all held at most {most_held / 1e6:.2f} MB (unfiltered tracemalloc peak"
-        f" {unfiltered_peak / 1e6:.2f} MB); all rows at once {all_at_once / 1e6:.2f} MB"
-    )
-    # Measured 1.68 MB at most (the last samples): ~0.6 MB is the replay's own (a page is 500 of the
-    # 10,000 rows, 5 %, plus one replay's working memory), ~1.0 MB is the SendGate's log of the requests
-    # answered in the portal's 300 s window (``resilience/gate.py``: one ``_Answered`` per request; the
-    # whole run fits in one window, so none is pruned). That log is bounded by the window, not the
-    # queue. Loading every row first holds ``all_at_once`` and more (8.6 MB measured).
-    assert most_held < all_at_once / 4
+    print(f"replay_all traced peak {peak / 1e6:.2f} MB; all rows at once {all_at_once / 1e6:.2f} MB")
+    # A page is 500 of the 10,000 rows (5 %) plus one replay's working memory; loading every row first
+    # would hold all_at_once and more.
+    assert peak < all_at_once / 4
 
 
 async def test_bulk_replay_stops_while_the_circuit_is_open_and_leaves_the_rest_unchanged(

@@ -24,16 +24,11 @@ from certsync.store.breaker_state import PostgresBreakerStore
 from certsync.store.errors import DatabaseUnavailable
 from certsync.store.pool import Pool
 from certsync.worker import WorkerOptions
-from tests.conftest import sandbox
 from tests.support.databases import database_outage
 from tests.support.runtime import FAST, puts, settings_for, wait_until
 from tests.support.seed import outbox_statuses, seed_certifications, set_status
 
 pytestmark = pytest.mark.integration
-
-# Re-exported while tests/integration/test_metrics.py and test_replay.py still import them from here;
-# they live in tests/support/runtime.py, and the fixture in tests/conftest.py.
-__all__ = ["FAST", "puts", "sandbox", "settings_for"]
 
 
 @pytest.fixture

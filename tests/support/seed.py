@@ -58,3 +58,25 @@ async def change_some(pool: Pool, certifications: list[UUID], rng: random.Random
             (chosen,),
         )
         return cur.rowcount
+
+
+async def seed_pending_entries(pool: Pool, count: int) -> None:
+    """``count`` pending entries over ten certifications, with full request bodies, in one statement."""
+    certifications = await seed_certifications(pool, 10)
+    async with pool.connection() as conn:
+        await conn.execute(
+            """
+            insert into public.dynamics_sync_retry_queue
+              (operation_type, certification_id, payload_json, failure_reason, attempt_count, status,
+               failure_history)
+            select 'certification.status_changed', (%(ids)s::uuid[])[1 + i %% 10],
+                   jsonb_build_object('contract_version', 1, 'event_id', gen_random_uuid(),
+                                      'occurred_at', now(), 'publicly_listed', true,
+                                      'certification', private.certification_sync_state(c)),
+                   'retries exhausted: HTTP 503 Service Unavailable after 4 calls', 4, 'pending',
+                   jsonb_build_array(jsonb_build_object('at', now(), 'status', 'pending', 'attempts', 4))
+            from generate_series(1, %(count)s) as i
+            join public.certifications c on c.id = (%(ids)s::uuid[])[1 + i %% 10]
+            """,
+            {"ids": certifications, "count": count},
+        )
