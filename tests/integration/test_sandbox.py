@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 import time
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from typing import Any
+from urllib.parse import urlsplit
 from uuid import UUID, uuid4
 
 import httpx
@@ -356,6 +359,24 @@ def test_a_dropped_connection_is_a_transport_error_for_httpx(client: httpx.Clien
     assert isinstance(raised.value, (httpx.RemoteProtocolError, httpx.ReadError))
     assert after.status_code == 200
     assert [(entry["status"], entry["fault"]) for entry in recorded(client)] == [(None, "drop"), (200, None)]
+
+
+def test_a_client_that_hangs_up_mid_body_is_recorded_not_logged_as_a_server_error(
+    client: httpx.Client, server: SandboxServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    host, port = urlsplit(server.url).hostname, urlsplit(server.url).port
+    with socket.create_connection((host, port), timeout=5) as hanging_up:
+        hanging_up.sendall(
+            f"PUT /api/v1/certifications/{uuid4()} HTTP/1.1\r\nHost: {host}\r\n"
+            'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"contract'.encode()
+        )
+    for _ in range(100):
+        if recorded(client):
+            break
+        time.sleep(0.02)
+
+    assert [(e["status"], e["outcome"]) for e in recorded(client)] == [(499, "client_disconnected")]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "no traceback for a hang-up"
 
 
 def test_faults_scoped_to_the_put_leave_the_token_endpoint_alone(client: httpx.Client) -> None:

@@ -22,10 +22,11 @@ from typing import Annotated, Any
 
 import structlog
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from jsonschema import Draft202012Validator, FormatChecker
 from pydantic import BaseModel, Field
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+from starlette.requests import ClientDisconnect
 from starlette.types import Message, Receive, Scope, Send
 
 from certsync.dynamics.contract import contract_schema
@@ -171,6 +172,17 @@ async def _answer_refusal(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": exc.error, **exc.extra}, status_code=exc.status, headers=headers)
 
 
+CLIENT_CLOSED_REQUEST = 499
+"""nginx's status for a request whose client hung up before it was answered; it is never sent."""
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    """The client hung up mid-request (a worker stopping, a timeout): recorded, not a server error
+    with a traceback in the log."""
+    _set_outcome(request, "client_disconnected")
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
 def _set_outcome(request: Request, outcome: str) -> None:
     answered = request.scope.get(_OUTCOME_KEY)
     if isinstance(answered, dict):
@@ -237,6 +249,7 @@ def create_sandbox_app(config: SandboxConfig) -> SandboxApp:
     )
     app.sandbox = Sandbox(config)
     app.add_exception_handler(_Refused, _answer_refusal)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     _add_portal_routes(app, app.sandbox)
     _add_admin_routes(app, app.sandbox)
     return app
