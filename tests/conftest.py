@@ -20,6 +20,10 @@ from tests.support.databases import (
     unique_name,
 )
 
+# The RLS fixtures (superuser, api, hierarchy, world) for every module that needs them; a module's own
+# fixture of the same name (the console tests' `api`) still takes precedence.
+pytest_plugins = ["tests.support.rls"]
+
 
 @pytest.fixture(autouse=True)
 def _isolated_logging() -> Iterator[None]:

@@ -26,15 +26,11 @@ from tests.support.rls import (
     Shape,
     TwoOrganisations,
     acting_as,
-    api_fixture,  # noqa: F401 (fixture)
     as_user,
     build,
-    hierarchy_fixture,  # noqa: F401 (fixture)
     ids,
     insert_certification,
     rows,
-    superuser_fixture,  # noqa: F401 (fixture)
-    world_fixture,  # noqa: F401 (fixture)
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -20,17 +20,13 @@ from tests.support.rls import (
     Hierarchy,
     TwoOrganisations,
     acting_as,
-    api_fixture,  # noqa: F401 (fixture)
     as_user,
     claims_for,
-    hierarchy_fixture,  # noqa: F401 (fixture)
     ids,
     insert_certification,
     rows,
-    superuser_fixture,  # noqa: F401 (fixture)
     touch_certifications,
     visible_certification_ids,
-    world_fixture,  # noqa: F401 (fixture)
 )
 
 pytestmark = pytest.mark.integration

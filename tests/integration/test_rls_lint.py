@@ -14,7 +14,6 @@ import pytest
 from tests.support.rls import (
     EXPOSED_SCHEMAS,
     rows,
-    superuser_fixture,  # noqa: F401 (fixture)
 )
 
 pytestmark = pytest.mark.integration

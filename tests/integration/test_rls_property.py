@@ -19,12 +19,9 @@ from tests.support.rls import (
     ROLES,
     Hierarchy,
     Shape,
-    api_fixture,  # noqa: F401 (fixture)
     as_user,
     build,
-    hierarchy_fixture,  # noqa: F401 (fixture)
     ids,
-    superuser_fixture,  # noqa: F401 (fixture)
     touch_certifications,
     visible_certification_ids,
 )
