@@ -10,7 +10,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Literal
 from zoneinfo import ZoneInfo
 
@@ -19,7 +18,6 @@ from pydantic import ValidationError
 
 from certsync.dynamics.contract import CertificationState, CertificationUpsert
 from certsync.dynamics.sync_service import DeliveryFailure, HLFDynamicsSyncService, Outcome
-from certsync.resilience.breaker import CircuitState
 from certsync.resilience.clock import Clock
 from certsync.store.retry_queue import RetryQueue
 
@@ -137,7 +135,7 @@ class ReplayService:
         summary = ReplaySummary()
         check_circuit = True  # before the first replay, then only after one that failed
         async for row in self._queue.iterate(status=status or "pending"):
-            if check_circuit and (retry_at := await self._circuit_open_until()) is not None:
+            if check_circuit and (retry_at := await self._service.breaker.open_until()) is not None:
                 summary.stopped_because = (
                     f"the circuit is open until {retry_at.isoformat(timespec='seconds')}"
                 )
@@ -149,13 +147,6 @@ class ReplayService:
             if on_result is not None:
                 on_result(result)
         return summary
-
-    async def _circuit_open_until(self) -> datetime | None:
-        snapshot = await self._service.breaker.snapshot()
-        if snapshot.state is not CircuitState.OPEN:
-            return None
-        probe_at = snapshot.next_probe_at(self._service.breaker.cooldown)
-        return probe_at if probe_at is not None and probe_at > self._clock.now() else None
 
     async def _unreplayable(self, entry_id: int, by: str, reason: str) -> ReplayResult:
         """Nothing can be sent: kept for investigation, its payload left exactly as it was written."""

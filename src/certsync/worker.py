@@ -224,20 +224,18 @@ class SyncWorker:
 
     async def _claim_limit(self, capacity: int) -> int:
         """Closed: fill capacity. Open: nothing until the cool-down ends. Then one probe at a time."""
-        snapshot = await self._sync.breaker.snapshot()
-        if snapshot.state is CircuitState.CLOSED:
+        status = await self._sync.breaker.status()
+        if status.state is CircuitState.CLOSED:
             return capacity
-        probe_at = snapshot.next_probe_at(self._sync.breaker.cooldown)
-        if probe_at is not None and probe_at > self._clock.now():
+        if status.open_until is not None:
             return 0
         return min(capacity, 1) if not self._tasks else 0
 
     async def _idle_seconds(self) -> float:
         seconds = self._options.poll_seconds
-        snapshot = await self._sync.breaker.snapshot()
-        probe_at = snapshot.next_probe_at(self._sync.breaker.cooldown)
-        if probe_at is not None:
-            seconds = min(seconds, max(0.0, (probe_at - self._clock.now()).total_seconds()))
+        open_until = await self._sync.breaker.open_until()
+        if open_until is not None:
+            seconds = min(seconds, (open_until - self._clock.now()).total_seconds())
         return max(seconds, 0.01)
 
     async def _wait_for_work(self, stop: asyncio.Event, seconds: float) -> None:
@@ -274,9 +272,9 @@ class SyncWorker:
                     self._stale(event)
             elif outcome.outcome is Outcome.HELD:
                 self.stats.held += 1
-                probe_at = await self._sync.breaker.next_probe_at()
+                open_until = await self._sync.breaker.open_until()
                 await self._outbox.release(
-                    event, available_at=probe_at or self._clock.now(), detail="circuit open"
+                    event, available_at=open_until or self._clock.now(), detail="circuit open"
                 )
             elif sink.lost_claim:
                 self._stale(event)

@@ -302,14 +302,30 @@ async def test_reset_of_a_closed_circuit_is_not_a_transition() -> None:
     assert await breaker.reset() is None
 
 
-async def test_next_probe_at_is_none_while_closed_then_the_end_of_the_cool_down() -> None:
+async def test_status_says_when_the_next_call_may_go_none_while_closed_then_after_the_cool_down() -> None:
     breaker, _, clock = make_breaker()
-    assert await breaker.next_probe_at() is None
+    assert (await breaker.status()).next_call_at is None
     await trip(breaker)
-    assert await breaker.next_probe_at() == clock.now() + breaker.cooldown
+    status = await breaker.status()
+    assert status.next_call_at == clock.now() + breaker.cooldown
+    assert status.open_until == status.next_call_at
+    assert not status.probe_due
     clock.advance(COOLDOWN)
     await breaker.before_call()
-    assert await breaker.next_probe_at() == clock.now() + timedelta(seconds=LEASE)
+    assert (await breaker.status()).next_call_at == clock.now() + timedelta(seconds=LEASE)
+
+
+async def test_open_until_is_none_once_the_cool_down_has_ended_and_the_probe_is_due() -> None:
+    breaker, _, clock = make_breaker()
+    assert await breaker.open_until() is None
+    await trip(breaker)
+    assert await breaker.open_until() == clock.now() + breaker.cooldown
+    clock.advance(COOLDOWN)
+    status = await breaker.status()
+    assert status.state is CircuitState.OPEN
+    assert status.open_until is None
+    assert status.probe_due
+    assert status.failure_threshold == breaker.failure_threshold
 
 
 def test_circuit_open_error_says_until_when() -> None:

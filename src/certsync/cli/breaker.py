@@ -33,15 +33,16 @@ def status(
 
     async def work() -> dict[str, Any]:
         async with composition.open_runtime(settings, max_pool_size=1) as rt:
-            snapshot = await rt.breaker.snapshot()
+            status = await rt.breaker.status()
+            snapshot = status.snapshot
             return {
                 "breaker": snapshot.name,
                 "state": str(snapshot.state),
                 "consecutive_failures": snapshot.consecutive_failures,
-                "failure_threshold": rt.breaker.failure_threshold,
+                "failure_threshold": status.failure_threshold,
                 "opened_at": _iso(snapshot.opened_at),
-                "next_probe_at": _iso(snapshot.next_probe_at(rt.breaker.cooldown)),
-                "cooldown_seconds": rt.breaker.cooldown.total_seconds(),
+                "next_probe_at": _iso(status.next_call_at),
+                "cooldown_seconds": status.cooldown.total_seconds(),
                 "last_failure_reason": snapshot.last_failure_reason,
             }
 

@@ -113,13 +113,13 @@ def worker(
             if not settings.sync_enabled:
                 return
             _print_summary(stats)
-            snapshot = await rt.breaker.snapshot()
-            if snapshot.state is not CircuitState.CLOSED:
+            breaker = await rt.breaker.status()
+            if breaker.state is not CircuitState.CLOSED:
                 depth = await outbox.depth()
-                probe_at = snapshot.next_probe_at(rt.breaker.cooldown)
+                probe_at = breaker.next_call_at
                 when = f" (next probe at {probe_at.isoformat(timespec='seconds')})" if probe_at else ""
                 out.print(
-                    f"[yellow]The circuit is {snapshot.state}[/]{when}: {_waiting(depth)} wait in the"
+                    f"[yellow]The circuit is {breaker.state}[/]{when}: {_waiting(depth)} wait in the"
                     " outbox for it to close; run the worker again, or see `certsync breaker status`."
                 )
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 from certsync.console.app import Conflict, Unauthorized, context_of
 from certsync.console.service import MAX_SELECTION, ConsoleService, QueueFilterParams, Reason
 from certsync.replay import ReplayResult
-from certsync.resilience.breaker import BreakerSnapshot
+from certsync.resilience.breaker import BreakerStatus
 from certsync.store.console_queries import SystemStatus
 from certsync.store.retry_queue import QUEUE_STATUSES
 
@@ -54,13 +54,13 @@ class Breaker(BaseModel):
     last_failure_reason: str | None
 
     @classmethod
-    def of(cls, snapshot: BreakerSnapshot, next_probe_at: datetime | None) -> Breaker:
+    def of(cls, status: BreakerStatus) -> Breaker:
         return cls(
-            state=snapshot.state.value,
-            consecutive_failures=snapshot.consecutive_failures,
-            opened_at=snapshot.opened_at,
-            next_probe_at=next_probe_at,
-            last_failure_reason=snapshot.last_failure_reason,
+            state=status.state.value,
+            consecutive_failures=status.consecutive_failures,
+            opened_at=status.opened_at,
+            next_probe_at=status.next_call_at,
+            last_failure_reason=status.last_failure_reason,
         )
 
 
@@ -92,7 +92,7 @@ class Overview(BaseModel):
         pending_age = status.oldest_pending_age
         return cls(
             read_at=status.read_at,
-            breaker=Breaker.of(status.breaker, status.next_probe_at),
+            breaker=Breaker.of(status.breaker),
             outbox=Outbox(
                 waiting=status.outbox.waiting,
                 in_flight=status.outbox.in_flight,
@@ -259,13 +259,11 @@ async def discard_entry(service: Service, by: Operator, entry_id: EntryId, body:
 @router.get("/breaker", response_model=Breaker)
 async def breaker(service: Service) -> Breaker:
     status = await service.status()
-    return Breaker.of(status.breaker, status.next_probe_at)
+    return Breaker.of(status.breaker)
 
 
 @router.post("/breaker/reset", response_model=BreakerReset)
 async def reset_breaker(service: Service, by: Operator) -> BreakerReset:
     transition = await service.reset_breaker(by=by)
     status = await service.status()
-    return BreakerReset(
-        changed=transition is not None, breaker=Breaker.of(status.breaker, status.next_probe_at)
-    )
+    return BreakerReset(changed=transition is not None, breaker=Breaker.of(status.breaker))

@@ -33,6 +33,7 @@ __all__ = [
     "ALLOWED_CLOSED",
     "DYNAMICS_BREAKER",
     "BreakerSnapshot",
+    "BreakerStatus",
     "BreakerStore",
     "CircuitOpenError",
     "CircuitState",
@@ -217,6 +218,47 @@ class BreakerSnapshot:
         return BreakerSnapshot(self.name), reset_transition(self.state)
 
 
+@dataclass(frozen=True, slots=True)
+class BreakerStatus:
+    """The breaker as an operator or a scheduler sees it: what is stored, and when a call may next go.
+
+    ``next_call_at`` is ``None`` while closed. It may lie in the past: the cool-down has ended and the
+    next call will be the half-open probe (``probe_due``).
+    """
+
+    snapshot: BreakerSnapshot
+    failure_threshold: int
+    cooldown: timedelta
+    read_at: datetime
+    next_call_at: datetime | None
+
+    @property
+    def state(self) -> CircuitState:
+        return self.snapshot.state
+
+    @property
+    def consecutive_failures(self) -> int:
+        return self.snapshot.consecutive_failures
+
+    @property
+    def opened_at(self) -> datetime | None:
+        return self.snapshot.opened_at
+
+    @property
+    def last_failure_reason(self) -> str | None:
+        return self.snapshot.last_failure_reason
+
+    @property
+    def open_until(self) -> datetime | None:
+        """Until when every call is refused; ``None`` when one may go now (closed, or the probe is due)."""
+        at = self.next_call_at
+        return at if at is not None and at > self.read_at else None
+
+    @property
+    def probe_due(self) -> bool:
+        return self.next_call_at is not None and self.open_until is None
+
+
 class BreakerStore(Protocol):
     """Where breaker state lives. Every operation is atomic: callers never read, decide, then write.
 
@@ -363,9 +405,21 @@ class DynamicsCircuitBreaker:
     async def snapshot(self) -> BreakerSnapshot:
         return await self._store.snapshot(self.name, self._clock.now())
 
-    async def next_probe_at(self) -> datetime | None:
-        """When the circuit may next let a call through; ``None`` while closed."""
-        return (await self.snapshot()).next_probe_at(self._cooldown)
+    async def status(self) -> BreakerStatus:
+        """The stored state with the times derived from it: the one answer to "may a call go, and when?"."""
+        now = self._clock.now()
+        snapshot = await self._store.snapshot(self.name, now)
+        return BreakerStatus(
+            snapshot=snapshot,
+            failure_threshold=self.failure_threshold,
+            cooldown=self._cooldown,
+            read_at=now,
+            next_call_at=snapshot.next_probe_at(self._cooldown),
+        )
+
+    async def open_until(self) -> datetime | None:
+        """Until when every call is refused; ``None`` when one may go now (closed, or the probe is due)."""
+        return (await self.status()).open_until
 
     async def reset(self) -> Transition | None:
         """Close the circuit now (operator's ``certsync breaker reset``)."""

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from certsync.resilience.breaker import BreakerSnapshot, DynamicsCircuitBreaker
+from certsync.resilience.breaker import BreakerStatus, DynamicsCircuitBreaker
 from certsync.store.db import fetch
 from certsync.store.outbox import Outbox, OutboxDepth
 from certsync.store.pool import Pool
@@ -100,8 +100,7 @@ class SystemStatus:
     """What every process reads the same from the database: the overview page and the metrics' gauges."""
 
     read_at: datetime
-    breaker: BreakerSnapshot
-    next_probe_at: datetime | None
+    breaker: BreakerStatus
     outbox: OutboxDepth
     queue: dict[str, QueueCount]
     delivered_last_hour: int
@@ -123,13 +122,12 @@ class SystemStatus:
 
 async def read_system_status(pool: Pool, breaker: DynamicsCircuitBreaker, now: datetime) -> SystemStatus:
     """Read the shared state at ``now`` (the breaker reads its own clock, which clamps a skewed one)."""
-    snapshot = await breaker.snapshot()
+    breaker_status = await breaker.status()
     counts = await RetryQueue(pool).counts()
     figures = await ConsoleQueries(pool).delivery_figures(now - timedelta(hours=1))
     return SystemStatus(
         read_at=now,
-        breaker=snapshot,
-        next_probe_at=snapshot.next_probe_at(breaker.cooldown),
+        breaker=breaker_status,
         # The depth query does not use the worker id; a reader claims nothing.
         outbox=await Outbox(pool, worker_id="status-reader").depth(),
         queue={status: QueueCount(entries, oldest) for status, (entries, oldest) in counts.items()},
