@@ -21,6 +21,7 @@ from certsync.dynamics.auth import ClientCredentialsTokenProvider, StaticTokenPr
 from certsync.dynamics.client import DynamicsClient
 from certsync.dynamics.signing import RequestSigner
 from certsync.dynamics.sync_service import DeliveryFailure, HLFDynamicsSyncService
+from certsync.errors import ConfigurationError
 from certsync.replay import ReplayService
 from certsync.resilience.breaker import DYNAMICS_BREAKER, DynamicsCircuitBreaker
 from certsync.resilience.clock import Clock, Sleep, SystemClock, real_sleep
@@ -35,10 +36,6 @@ from certsync.store.outbox import Outbox, OutboxListener
 from certsync.store.pool import Pool, open_pool
 from certsync.store.retry_queue import RetryQueue
 from certsync.worker import SyncWorker, WorkerOptions, retry_entry_for
-
-
-class ConfigurationError(Exception):
-    """Settings that cannot work together; the message names the variable (exit code 2)."""
 
 
 async def resolve_database_url(settings: Settings) -> str:

@@ -19,12 +19,9 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from certsync.app import ConfigurationError
-from certsync.domain.certification import DomainError
-from certsync.dynamics.errors import DynamicsError
+from certsync.errors import CertsyncError
 from certsync.logs import configure_logging
 from certsync.settings import Settings
-from certsync.store.errors import NotFound, StoreError
 
 T = TypeVar("T")
 
@@ -104,9 +101,5 @@ def run(work: Callable[[], Awaitable[T]]) -> T:
         return asyncio.run(work())  # type: ignore[arg-type]
     except KeyboardInterrupt:
         raise typer.Exit(INTERRUPTED) from None
-    except (NotFound, ConfigurationError, DomainError) as exc:
-        fail(2, str(exc))
-    except StoreError as exc:  # DatabaseUnavailable, MigrationError
-        fail(1, str(exc))
-    except DynamicsError as exc:
-        fail(1, f"Dynamics portal: {exc}")
+    except CertsyncError as exc:  # each kind carries its exit code (certsync.errors)
+        fail(exc.exit_code, exc.for_operator())

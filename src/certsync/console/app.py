@@ -25,7 +25,7 @@ from fastapi.templating import Jinja2Templates
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from certsync.app import ConfigurationError, Runtime
+from certsync.app import Runtime
 from certsync.console.auth import (
     SESSION_COOKIE,
     OperatorCredentials,
@@ -33,7 +33,8 @@ from certsync.console.auth import (
     SessionCodec,
     session_secret,
 )
-from certsync.console.service import BadInput, ConsoleService
+from certsync.console.service import ConsoleService
+from certsync.errors import CertsyncError
 from certsync.metrics import (
     CONTENT_TYPE,
     ProcessMetrics,
@@ -44,7 +45,7 @@ from certsync.metrics import (
 from certsync.resilience.clock import Clock, SystemClock
 from certsync.settings import Settings
 from certsync.store.console_queries import SystemStatus
-from certsync.store.errors import DatabaseUnavailable, NotFound, SchemaMissing, StoreError, first_line
+from certsync.store.errors import DatabaseUnavailable, StoreError, first_line
 
 RuntimeFactory = Callable[[], AbstractAsyncContextManager[Runtime]]
 
@@ -245,14 +246,12 @@ def _add_error_handlers(app: FastAPI) -> None:
             return _problem(request, 422, validation_message(exc.errors()))
         return _problem(request, 422, str(exc))
 
-    async def not_found(request: Request, exc: Exception) -> Response:
-        return _problem(request, 404, str(exc))
+    async def certsync_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, CertsyncError)  # each kind carries its HTTP status (certsync.errors)
+        return _problem(request, exc.http_status, exc.for_operator())
 
     async def conflict(request: Request, exc: Exception) -> Response:
         return _problem(request, 409, str(exc))
-
-    async def unavailable(request: Request, exc: Exception) -> Response:
-        return _problem(request, 503, str(exc))
 
     async def database_error(request: Request, exc: Exception) -> Response:
         # Not an operational failure the store wraps: most often a database never migrated.
@@ -266,12 +265,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Unauthorized, unauthorized)
     app.add_exception_handler(CsrfRejected, csrf)
     app.add_exception_handler(RequestValidationError, bad_input)
-    app.add_exception_handler(BadInput, bad_input)
-    app.add_exception_handler(NotFound, not_found)
+    app.add_exception_handler(CertsyncError, certsync_error)
     app.add_exception_handler(Conflict, conflict)
-    app.add_exception_handler(DatabaseUnavailable, unavailable)
-    app.add_exception_handler(SchemaMissing, unavailable)
-    app.add_exception_handler(ConfigurationError, unavailable)
     app.add_exception_handler(psycopg.Error, database_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
 

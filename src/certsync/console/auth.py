@@ -16,6 +16,7 @@ import secrets
 from dataclasses import dataclass, replace
 from datetime import timedelta
 
+from certsync.errors import ConfigurationError
 from certsync.resilience.clock import Clock
 from certsync.settings import Settings
 
@@ -23,7 +24,7 @@ SESSION_COOKIE = "certsync_console"
 MIN_TOKEN_LENGTH = 24
 
 
-class ConsoleConfigurationError(ValueError):
+class ConsoleConfigurationError(ConfigurationError):
     """The console cannot accept anyone with these settings; the message names the variable."""
 
 

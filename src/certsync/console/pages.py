@@ -24,7 +24,8 @@ from certsync.console.app import (
     validation_message,
 )
 from certsync.console.auth import SESSION_COOKIE, Session
-from certsync.console.service import MAX_SELECTION, BadInput, QueueFilterParams, Reason
+from certsync.console.service import MAX_SELECTION, QueueFilterParams, Reason
+from certsync.errors import BadInput
 from certsync.store.retry_queue import QUEUE_STATUSES
 
 router = APIRouter(include_in_schema=False)

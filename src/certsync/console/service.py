@@ -19,6 +19,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from certsync.app import Runtime
+from certsync.errors import BadInput
 from certsync.replay import ReplayResult, ReplaySummary
 from certsync.resilience.breaker import Transition
 from certsync.store.console_queries import (
@@ -41,10 +42,6 @@ _NO_NUL = r"^[^\x00]*$"
 Reason = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500, pattern=_NO_NUL)
 ]
-
-
-class BadInput(ValueError):
-    """Input an operator can correct (answered 422 with this message)."""
 
 
 class QueueFilterParams(BaseModel):

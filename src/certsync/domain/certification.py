@@ -23,12 +23,17 @@ from types import MappingProxyType
 from typing import Final
 from uuid import UUID
 
+from certsync.errors import CertsyncError
+
 RENEWAL_ENTRY_SCHEMA_VERSION: Final = 1
 """The ``schema_version`` written into every new renewal entry (see docs/renewal-history.md)."""
 
 
-class DomainError(Exception):
+class DomainError(CertsyncError):
     """Base of every rule the domain refuses; callers show the message as is (it names no person)."""
+
+    exit_code = 2
+    http_status = 422
 
 
 class CertificationStatus(StrEnum):

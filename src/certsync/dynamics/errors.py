@@ -15,14 +15,21 @@ in ``certsync.resilience``: it is not a portal error.
 
 from __future__ import annotations
 
+from certsync.errors import CertsyncError
 
-class DynamicsError(Exception):
+
+class DynamicsError(CertsyncError):
     """Base of every portal failure. ``status`` is the HTTP status when there was a response."""
+
+    http_status = 502
 
     def __init__(self, reason: str, *, status: int | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status
+
+    def for_operator(self) -> str:
+        return f"Dynamics portal: {self.reason}"
 
 
 class TransientDynamicsError(DynamicsError):

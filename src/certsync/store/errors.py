@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from certsync.errors import CertsyncError, NotFound
 
-class StoreError(Exception):
-    """Base of every error the store raises."""
+__all__ = ["DatabaseUnavailable", "MigrationError", "NotFound", "SchemaMissing", "StoreError", "first_line"]
+
+
+class StoreError(CertsyncError):
+    """Base of every operational error the store raises (exit 1, HTTP 503)."""
+
+    http_status = 503
 
 
 class DatabaseUnavailable(StoreError):
@@ -17,10 +23,6 @@ class SchemaMissing(StoreError):
 
 class MigrationError(StoreError):
     """A migration file failed to apply; the message names the file."""
-
-
-class NotFound(StoreError):
-    """A row that the caller named does not exist (or is not visible to them)."""
 
 
 def first_line(exc: BaseException) -> str:

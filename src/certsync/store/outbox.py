@@ -16,8 +16,8 @@ from uuid import UUID
 import psycopg
 import structlog
 
-from certsync.store.db import fetch
-from certsync.store.errors import DatabaseUnavailable, first_line
+from certsync.store.db import fetch, transaction
+from certsync.store.errors import first_line
 from certsync.store.pool import Pool
 from certsync.store.queries import query
 from certsync.store.retry_queue import NewRetryEntry, insert_entry
@@ -106,22 +106,19 @@ class Outbox:
     async def mark_queued(self, event: ClaimedEvent, now: datetime, entry: NewRetryEntry) -> int | None:
         """Close the event and write its retry-queue row in ONE transaction, so it is always in exactly
         one place. Returns the queue entry id, or None when the claim was lost (nothing written)."""
-        try:
-            async with self._pool.connection() as conn, conn.transaction():
-                cur = await conn.execute(
-                    query("mark_queued"),
-                    {
-                        "id": event.id,
-                        "claim_token": event.claim_token,
-                        "now": now,
-                        "detail": entry.failure_reason,
-                    },
-                )
-                if await cur.fetchone() is None:
-                    return None
-                return await insert_entry(conn, entry, now)
-        except psycopg.OperationalError as exc:
-            raise DatabaseUnavailable(f"database unavailable while queueing an event: {exc}") from exc
+        async with transaction(self._pool, "queueing an event") as conn:
+            cur = await conn.execute(
+                query("mark_queued"),
+                {
+                    "id": event.id,
+                    "claim_token": event.claim_token,
+                    "now": now,
+                    "detail": entry.failure_reason,
+                },
+            )
+            if await cur.fetchone() is None:
+                return None
+            return await insert_entry(conn, entry, now)
 
     async def release(
         self, event: ClaimedEvent, *, available_at: datetime, detail: str | None = None

@@ -9,12 +9,11 @@ from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
 
-import psycopg
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 
-from certsync.store.db import fetch
-from certsync.store.errors import DatabaseUnavailable, NotFound
+from certsync.store.db import fetch, transaction
+from certsync.store.errors import NotFound
 from certsync.store.pool import Pool
 from certsync.store.queries import query
 
@@ -62,11 +61,8 @@ class RetryQueue:
         self._pool = pool
 
     async def add(self, entry: NewRetryEntry, now: datetime) -> int:
-        try:
-            async with self._pool.connection() as conn, conn.transaction():
-                return await insert_entry(conn, entry, now)
-        except psycopg.OperationalError as exc:
-            raise DatabaseUnavailable(f"could not write the retry queue: {exc}") from exc
+        async with transaction(self._pool, "writing the retry queue") as conn:
+            return await insert_entry(conn, entry, now)
 
     async def get(self, entry_id: int) -> dict[str, Any]:
         rows = await fetch(self._pool, "get_retry_entry", {"id": entry_id})
