@@ -23,7 +23,7 @@ demo: sync
 	$(BIN)/certsync demo
 
 # The seed's resilience core must stay exhaustively tested: CI fails below this branch coverage.
-GATED := src/certsync/resilience/breaker.py,src/certsync/resilience/retry.py,src/certsync/resilience/gate.py,src/certsync/dynamics/sync_service.py
+GATED := src/certsync/resilience/breaker.py,src/certsync/resilience/retry.py,src/certsync/resilience/gate.py,src/certsync/delivery/sync_service.py
 GATE := 95
 
 ## The whole test suite (what CI runs), with lint and type checks first, then the coverage gate.

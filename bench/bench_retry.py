@@ -22,9 +22,9 @@ from tenacity import AsyncRetrying, retry, stop_after_attempt, wait_exponential
 
 from bench import Options, best, calls_of, interleaved, median, micro, ratio
 from bench._report import Report
-from certsync.dynamics.client import DeliveryReceipt
+from certsync.delivery.sync_service import DeliveryFailure, HLFDynamicsSyncService
 from certsync.dynamics.contract import CertificationState, CertificationUpsert
-from certsync.dynamics.sync_service import DeliveryFailure, HLFDynamicsSyncService
+from certsync.dynamics.port import DeliveryReceipt
 from certsync.logs import configure_logging
 from certsync.resilience.breaker import DynamicsCircuitBreaker, InMemoryBreakerStore
 from certsync.resilience.clock import SystemClock, real_sleep
@@ -39,7 +39,7 @@ async def noop() -> None:
 
 
 class NoopPortal:
-    """A ``PortalClient`` whose upsert returns at once: only the wrapper's cost remains."""
+    """A ``Portal`` whose upsert returns at once: only the wrapper's cost remains."""
 
     def __init__(self) -> None:
         self._receipt = DeliveryReceipt(status=200, elapsed_seconds=0.0)

@@ -12,30 +12,39 @@ import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 
 import httpx
 
+from certsync.delivery.queue import QueueService
+from certsync.delivery.replay import ReplayService
+from certsync.delivery.sinks import RetryQueueSink
+from certsync.delivery.status import SystemStatus, read_system_status
+from certsync.delivery.sync_service import HLFDynamicsSyncService
 from certsync.dynamics.auth import ClientCredentialsTokenProvider, StaticTokenProvider, TokenProvider
 from certsync.dynamics.client import DynamicsClient
+from certsync.dynamics.port import ContractCheck, Portal
 from certsync.dynamics.signing import RequestSigner
-from certsync.dynamics.sync_service import DeliveryFailure, HLFDynamicsSyncService
 from certsync.errors import ConfigurationError
-from certsync.replay import ReplayService
 from certsync.resilience.breaker import DYNAMICS_BREAKER, DynamicsCircuitBreaker
 from certsync.resilience.clock import Clock, Sleep, SystemClock, real_sleep
 from certsync.resilience.gate import SendGate
+from certsync.resilience.instrumentation import Instrumentation
 from certsync.resilience.retry import RetryPolicy
 from certsync.settings import Settings
 from certsync.store.audit import AccessAuditRecorder
 from certsync.store.breaker_state import PostgresBreakerStore
 from certsync.store.certifications import CertificationRepository
+from certsync.store.console_queries import ConsoleQueries
 from certsync.store.embedded import embedded_database_url
+from certsync.store.migrations import MigrationReport, migrate
 from certsync.store.outbox import Outbox, OutboxListener
 from certsync.store.pool import Pool, open_pool
 from certsync.store.retry_queue import RetryQueue
-from certsync.worker import SyncWorker, WorkerOptions, retry_entry_for
+from certsync.store.sweep import expire_due
+from certsync.worker import SyncWorker, WorkerOptions, today_in
 
 
 async def resolve_database_url(settings: Settings) -> str:
@@ -63,7 +72,9 @@ def retry_policy_from(settings: Settings) -> RetryPolicy:
     )
 
 
-def breaker_for(pool: Pool, settings: Settings, clock: Clock) -> DynamicsCircuitBreaker:
+def breaker_for(
+    pool: Pool, settings: Settings, clock: Clock, instrumentation: Instrumentation | None = None
+) -> DynamicsCircuitBreaker:
     """The one breaker every worker shares, its state in PostgreSQL."""
     return DynamicsCircuitBreaker(
         DYNAMICS_BREAKER,
@@ -75,10 +86,13 @@ def breaker_for(pool: Pool, settings: Settings, clock: Clock) -> DynamicsCircuit
         cooldown=settings.breaker_cooldown,
         # The probe's holder may take one full request and a token fetch before another may probe.
         probe_lease=2 * settings.http_timeout + 5.0,
+        instrumentation=instrumentation,
     )
 
 
-def token_provider_from(settings: Settings, http: httpx.AsyncClient, clock: Clock) -> TokenProvider:
+def token_provider_from(
+    settings: Settings, http: httpx.AsyncClient, clock: Clock, instrumentation: Instrumentation | None = None
+) -> TokenProvider:
     if settings.dynamics_token_url:
         if not settings.dynamics_client_id or settings.dynamics_client_secret is None:
             raise ConfigurationError(
@@ -93,6 +107,7 @@ def token_provider_from(settings: Settings, http: httpx.AsyncClient, clock: Cloc
             scope=settings.dynamics_scope or "",
             clock=clock,
             timeout=settings.http_timeout,
+            instrumentation=instrumentation,
         )
     if settings.dynamics_token is not None:
         return StaticTokenProvider(settings.dynamics_token.get_secret_value())
@@ -101,8 +116,28 @@ def token_provider_from(settings: Settings, http: httpx.AsyncClient, clock: Cloc
     )
 
 
+def portal_from(
+    settings: Settings,
+    http: httpx.AsyncClient,
+    clock: Clock,
+    gate: SendGate | None = None,
+    instrumentation: Instrumentation | None = None,
+) -> Portal:
+    """The adapter for the wire ``CERTSYNC_DYNAMICS_API`` names."""
+    if settings.dynamics_api == "dataverse":
+        raise ConfigurationError(
+            "CERTSYNC_DYNAMICS_API=dataverse: this version speaks only contract-v1 to the portal"
+            " (the Dataverse adapter is not built yet)"
+        )
+    return dynamics_client_from(settings, http, clock, gate, instrumentation)
+
+
 def dynamics_client_from(
-    settings: Settings, http: httpx.AsyncClient, clock: Clock, gate: SendGate | None = None
+    settings: Settings,
+    http: httpx.AsyncClient,
+    clock: Clock,
+    gate: SendGate | None = None,
+    instrumentation: Instrumentation | None = None,
 ) -> DynamicsClient:
     if not settings.dynamics_base_url:
         raise ConfigurationError("CERTSYNC_DYNAMICS_BASE_URL is not set")
@@ -115,11 +150,12 @@ def dynamics_client_from(
     return DynamicsClient(
         http,
         settings.dynamics_base_url,
-        token_provider_from(settings, http, clock),
+        token_provider_from(settings, http, clock, instrumentation),
         signer=signer,
         clock=clock,
         timeout=settings.http_timeout,
         gate=gate,
+        instrumentation=instrumentation,
     )
 
 
@@ -139,7 +175,12 @@ def worker_id() -> str:
 
 @dataclass(slots=True)
 class Runtime:
-    """Everything a command needs, built once from settings."""
+    """Everything a command needs, built once from settings.
+
+    The portal adapter (with its token cache) and the services over it are built on first use and then
+    kept for the process: a command that never talks to the portal needs no portal configuration, and
+    every replay of a console process shares one client and one token.
+    """
 
     settings: Settings
     pool: Pool
@@ -150,23 +191,49 @@ class Runtime:
     breaker: DynamicsCircuitBreaker
     queue: RetryQueue
     gate: SendGate
+    instrumentation: Instrumentation
+    _portal: Portal | None = field(default=None, init=False, repr=False)
+    _sync: HLFDynamicsSyncService | None = field(default=None, init=False, repr=False)
+    _replays: ReplayService | None = field(default=None, init=False, repr=False)
 
-    def client(self) -> DynamicsClient:
-        return dynamics_client_from(self.settings, self.http, self.clock, self.gate)
+    def portal(self) -> Portal:
+        """The configured portal's adapter (``CERTSYNC_DYNAMICS_API``), built once."""
+        if self._portal is None:
+            self._portal = portal_from(self.settings, self.http, self.clock, self.gate, self.instrumentation)
+        return self._portal
 
     def sync_service(self) -> HLFDynamicsSyncService:
-        return HLFDynamicsSyncService(
-            self.client(),
-            retry_policy_from(self.settings),
-            self.breaker,
-            RetryQueueSink(self.queue, self.clock),
-            clock=self.clock,
-            sleep=self.sleep,
-            gate=self.gate,
-        )
+        if self._sync is None:
+            self._sync = HLFDynamicsSyncService(
+                self.portal(),
+                retry_policy_from(self.settings),
+                self.breaker,
+                RetryQueueSink(self.queue, self.clock),
+                clock=self.clock,
+                sleep=self.sleep,
+                gate=self.gate,
+                instrumentation=self.instrumentation,
+            )
+        return self._sync
 
     def replay_service(self) -> ReplayService:
-        return ReplayService(self.queue, self.sync_service(), self.clock, self.settings.zone)
+        if self._replays is None:
+            self._replays = ReplayService(self.queue, self.sync_service(), self.clock, self.settings.zone)
+        return self._replays
+
+    def queue_service(self) -> QueueService:
+        return QueueService(self.queue, ConsoleQueries(self.pool), self.replay_service, self.clock)
+
+    async def system_status(self) -> SystemStatus:
+        return await read_system_status(self.pool, self.breaker, self.clock.now())
+
+    def today(self) -> date:
+        """Today where ``CERTSYNC_TIMEZONE`` says (expiry and public listing are decided there)."""
+        return today_in(self.settings.zone, self.clock)
+
+    async def expire_due(self) -> int:
+        """The expiry sweep, now: every active certification past its ``valid_until``, in one statement."""
+        return await expire_due(self.pool, self.today())
 
     def certifications(self) -> CertificationRepository:
         return CertificationRepository(self.pool, clock=self.clock, zone=self.settings.zone)
@@ -189,15 +256,16 @@ class Runtime:
         )
 
 
-class RetryQueueSink:
-    """The plain failure sink: a new retry-queue row (used outside the worker, e.g. ad-hoc delivery)."""
+async def migrate_database(settings: Settings) -> MigrationReport:
+    """``certsync migrate``: apply the migrations (and, on a plain PostgreSQL, the local shims first)."""
+    async with open_pool_for(settings, max_size=1) as pool, pool.connection() as conn:
+        return await migrate(conn)
 
-    def __init__(self, queue: RetryQueue, clock: Clock) -> None:
-        self._queue = queue
-        self._clock = clock
 
-    async def record(self, failure: DeliveryFailure) -> None:
-        await self._queue.add(retry_entry_for(failure, None), self._clock.now())
+async def check_portal_contract(settings: Settings) -> ContractCheck:
+    """``certsync contract check``: only the portal is asked; no database is opened (nor started)."""
+    async with httpx.AsyncClient(timeout=settings.http_timeout) as http:
+        return await portal_from(settings, http, SystemClock()).check_contract()
 
 
 @asynccontextmanager
@@ -216,6 +284,7 @@ async def open_runtime(
     pool = await open_pool(database_url, max_size=max_pool_size or 10)
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     http = httpx.AsyncClient(transport=transport, timeout=settings.http_timeout, limits=limits)
+    instrumentation = Instrumentation()
     try:
         yield Runtime(
             settings=settings,
@@ -224,9 +293,10 @@ async def open_runtime(
             clock=clock,
             sleep=sleep,
             http=http,
-            breaker=breaker_for(pool, settings, clock),
+            breaker=breaker_for(pool, settings, clock, instrumentation),
             queue=RetryQueue(pool),
             gate=send_gate_from(settings, clock, sleep),
+            instrumentation=instrumentation,
         )
     finally:
         await http.aclose()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -25,6 +25,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import SecretStr
 
 from certsync.app import Runtime, open_runtime, resolve_database_url
+from certsync.resilience.instrumentation import CircuitTransitioned, DeliveryEvent, RetryScheduled
 from certsync.sandbox.faults import FaultScript, FaultStep
 from certsync.sandbox.server import SandboxServer
 from certsync.sandbox.state import DEFAULT_TOKEN, SandboxConfig
@@ -78,32 +79,23 @@ class DemoReport:
     log_file: str = ""
     seconds: float = 0.0
 
+    def observe(self, event: DeliveryEvent) -> None:
+        """The demo's own instrumentation hook: counts retries, records circuit transitions."""
+        if isinstance(event, RetryScheduled):
+            self.retries += 1
+        elif isinstance(event, CircuitTransitioned):
+            self.transitions.append(f"{event.old} → {event.new}")
+
     def add(self, stats: WorkerStats) -> None:
         self.delivered += stats.delivered
         self.queued_pending += stats.queued_pending
         self.requires_investigation += stats.queued_investigation
 
 
-class _EventCounter:
-    """A structlog processor that counts retries and records circuit transitions as they are logged."""
-
-    def __init__(self, report: DemoReport) -> None:
-        self._report = report
-
-    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-        name = event.get("event")
-        if name == "retry_scheduled":
-            self._report.retries += 1
-        elif name == "circuit_transition":
-            self._report.transitions.append(f"{event.get('old_state')} → {event.get('new_state')}")
-        return event
-
-
-def _configure_demo_logging(report: DemoReport, log_file: Path) -> Any:
+def _configure_demo_logging(log_file: Path) -> Any:
     handle = log_file.open("w", encoding="utf-8")
     structlog.configure(
         processors=[
-            _EventCounter(report),
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
@@ -218,7 +210,7 @@ async def run_demo(settings: Settings, log_dir: Path, step: Step) -> DemoReport:
     await asyncio.to_thread(log_dir.mkdir, parents=True, exist_ok=True)
     report.log_file = str(log_file)
     previous_logging = structlog.get_config()
-    handle = _configure_demo_logging(report, log_file)
+    handle = _configure_demo_logging(log_file)
     loop = asyncio.get_running_loop()
     started = loop.time()
     try:
@@ -259,6 +251,7 @@ async def _phases(settings: Settings, portal: SandboxServer, report: DemoReport,
     # The demo sweeps explicitly, during the outage, so that the expiries are seen waiting and flowing.
     options = WorkerOptions(concurrency=2, poll_seconds=0.2, heartbeat_seconds=1.0, sweep=False)
     async with open_runtime(settings) as runtime:
+        runtime.instrumentation.add(report.observe)
         today = runtime.clock.now().astimezone(settings.zone).date()
         step("Loading two organisations, five chapters and ten mentors")
         certs = await _seed(runtime, today)

@@ -6,12 +6,9 @@ Two sources, so that N workers and a console never disagree about the state of t
   and oldest event age, retry-queue size by status and oldest ``pending`` age, deliveries in the last
   hour, time of the last delivery). Every process reports the same numbers; alert on any one of them.
 * ``ProcessMetrics`` — counters and a latency histogram of what *this* process did, fed by the
-  structlog events the delivery path already emits (``dynamics_attempt``, ``dynamics_request``,
-  ``retry_scheduled``, ``delivery_queued``, ``circuit_transition``); sum them across processes with
-  PromQL. They count events that pass the log level, so run at ``CERTSYNC_LOG_LEVEL=info`` (default).
-  A delivered attempt has no line of its own (``dynamics_attempt`` is logged for failed attempts): it
-  is the client's ``dynamics_request`` for a ``PUT`` answered 2xx, since the only ``PUT`` the client
-  makes is the certification upsert and a 2xx answer is exactly when it returns a receipt.
+  delivery events of ``certsync.resilience.instrumentation`` (a hook on the runtime's
+  ``Instrumentation``: every HTTP exchange, failed attempt, retry, finished delivery and circuit
+  transition); sum them across processes with PromQL. They count whatever the log level.
 * ``WorkerStatsCollector`` — the worker's own tallies (superseded, held, rescued, …) from ``WorkerStats``.
 
 ``/metrics`` on the console serves all of them; ``start_worker_metrics`` serves them for a worker.
@@ -20,8 +17,7 @@ Two sources, so that N workers and a console never disagree about the state of t
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -31,9 +27,17 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from certsync.app import Runtime
+from certsync.delivery.queue import QUEUE_STATUSES
+from certsync.delivery.status import SystemStatus, read_system_status
 from certsync.resilience.breaker import CircuitState
-from certsync.store.console_queries import SystemStatus, read_system_status
-from certsync.store.retry_queue import QUEUE_STATUSES
+from certsync.resilience.instrumentation import (
+    AttemptFailed,
+    CircuitTransitioned,
+    DeliveryEvent,
+    DeliveryFinished,
+    RequestFinished,
+    RetryScheduled,
+)
 from certsync.worker import SyncWorker, WorkerStats
 
 __all__ = [
@@ -42,7 +46,6 @@ __all__ = [
     "ProcessMetrics",
     "SystemStatusCollector",
     "WorkerStatsCollector",
-    "install_log_metrics",
     "render_metrics",
     "start_worker_metrics",
 ]
@@ -61,11 +64,12 @@ _ATTEMPT_OUTCOMES = {
     "PermanentDynamicsError": "refused",
 }
 
-EventDict = MutableMapping[str, Any]
-
 
 class ProcessMetrics:
-    """What this process did, counted from its structlog events. Each instance owns its registry."""
+    """What this process did, counted from its delivery events (``observe`` is an instrumentation hook).
+
+    Each instance owns its registry.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -99,48 +103,22 @@ class ProcessMetrics:
             registry=self.registry,
         )
 
-    def observe(self, event: EventDict) -> None:
-        """Count one log event, if it is one of ours; any other event is ignored."""
-        name = event.get("event")
-        if name == "dynamics_attempt":  # a failed attempt
-            self.attempts.labels(_ATTEMPT_OUTCOMES.get(str(event.get("outcome")), "error")).inc()
-        elif name == "delivery_queued":
-            self.deliveries.labels(str(event.get("queue_status", "pending"))).inc()
-        elif name == "retry_scheduled":
-            self.retries.inc()
-        elif name == "dynamics_request":
-            status = event.get("status")
-            status_class = f"{int(status) // 100}xx" if isinstance(status, int) else "error"
-            method = str(event.get("method", ""))
-            seconds = float(event.get("duration_ms", 0.0)) / 1000
-            self.request_seconds.labels(method, status_class).observe(seconds)
-            if method == "PUT" and status_class == "2xx":  # an upsert delivered (see the module doc)
-                self.attempts.labels("delivered").inc()
-                self.deliveries.labels("delivered").inc()
-        elif name == "circuit_transition":
-            self.transitions.labels(str(event.get("old_state")), str(event.get("new_state"))).inc()
-
-
-class _LogMetricsProcessor:
-    """A structlog processor that counts and passes every event on unchanged."""
-
-    def __init__(self, metrics: ProcessMetrics) -> None:
-        self.metrics = metrics
-
-    def __call__(self, logger: object, method_name: str, event: EventDict) -> EventDict:
-        # A malformed field must never cost the log line it came with.
-        with contextlib.suppress(TypeError, ValueError):
-            self.metrics.observe(event)
-        return event
-
-
-def install_log_metrics(metrics: ProcessMetrics) -> None:
-    """Feed ``metrics`` from every structlog event (first in the chain, before the renderer).
-
-    Call after ``configure_logging``; a second call replaces the first processor instead of adding one.
-    """
-    processors = [p for p in structlog.get_config()["processors"] if not isinstance(p, _LogMetricsProcessor)]
-    structlog.configure(processors=[_LogMetricsProcessor(metrics), *processors])
+    def observe(self, event: DeliveryEvent) -> None:
+        """Count one delivery event: the hook this process's ``Instrumentation`` calls."""
+        match event:
+            case AttemptFailed(error=error):
+                self.attempts.labels(_ATTEMPT_OUTCOMES.get(error, "error")).inc()
+            case DeliveryFinished(outcome=outcome):
+                self.deliveries.labels(outcome).inc()
+                if outcome == "delivered":
+                    self.attempts.labels("delivered").inc()
+            case RetryScheduled():
+                self.retries.inc()
+            case RequestFinished(method=method, status=status, seconds=seconds):
+                status_class = f"{status // 100}xx" if status is not None else "error"
+                self.request_seconds.labels(method, status_class).observe(seconds)
+            case CircuitTransitioned(old=old, new=new):
+                self.transitions.labels(old, new).inc()
 
 
 def _seconds(value: Any) -> float:
@@ -274,7 +252,7 @@ def start_worker_metrics(
     """
     loop = asyncio.get_running_loop()
     metrics = ProcessMetrics()
-    install_log_metrics(metrics)
+    runtime.instrumentation.add(metrics.observe)
 
     def read() -> SystemStatus:
         future = asyncio.run_coroutine_threadsafe(

@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     data_dir: str | None = Field(default=None, description="where the embedded PostgreSQL lives")
 
     dynamics_base_url: str | None = None
+    dynamics_api: Literal["contract-v1", "dataverse"] = Field(
+        default="contract-v1", description="which wire the portal speaks (interface section 4 or 5)"
+    )
     dynamics_sync_enabled: bool | None = Field(
         default=None, description="feature flag; defaults to true exactly when the base URL is set"
     )

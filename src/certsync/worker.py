@@ -15,20 +15,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Protocol
-from uuid import UUID
 from zoneinfo import ZoneInfo
 
 import structlog
-from pydantic import ValidationError
 
-from certsync.dynamics.contract import CertificationState, CertificationUpsert
-from certsync.dynamics.sync_service import DeliveryFailure, HLFDynamicsSyncService, Outcome
+from certsync.delivery.requests import UndeliverableState, upsert_for
+from certsync.delivery.sinks import OutboxFailureSink
+from certsync.delivery.sync_service import DeliveryFailure, HLFDynamicsSyncService, Outcome
 from certsync.resilience.breaker import CircuitState
 from certsync.resilience.clock import Clock, Sleep
 from certsync.store.errors import DatabaseUnavailable
 from certsync.store.outbox import ClaimedEvent, Outbox
 from certsync.store.pool import Pool
-from certsync.store.retry_queue import NewRetryEntry
 from certsync.store.sweep import expire_due, next_expiry
 
 log = structlog.get_logger(__name__)
@@ -73,35 +71,6 @@ class WorkerStats:
     crashed: int = 0
     database_outages: int = 0
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-
-
-def retry_entry_for(failure: DeliveryFailure, event_id: UUID | None) -> NewRetryEntry:
-    """The retry-queue row that keeps a failed delivery (``event_id``: the outbox event, if any)."""
-    return NewRetryEntry(
-        operation_type=failure.operation_type,
-        certification_id=failure.certification_id,
-        event_id=event_id,
-        payload_json=dict(failure.payload),
-        failure_reason=failure.failure_reason,
-        attempt_count=failure.attempt_count,
-        status=failure.status,
-    )
-
-
-class OutboxFailureSink:
-    """Records a failed delivery by closing its outbox event and writing the retry row together."""
-
-    def __init__(self, outbox: Outbox, event: ClaimedEvent, clock: Clock) -> None:
-        self._outbox = outbox
-        self._event = event
-        self._clock = clock
-        self.lost_claim = False
-
-    async def record(self, failure: DeliveryFailure) -> None:
-        entry = retry_entry_for(failure, self._event.id)
-        if await self._outbox.mark_queued(self._event, self._clock.now(), entry) is None:
-            # Our claim was rescued by another worker while we were retrying: theirs decides.
-            self.lost_claim = True
 
 
 def today_in(zone: ZoneInfo, clock: Clock) -> date:
@@ -253,13 +222,10 @@ class SyncWorker:
         sink = OutboxFailureSink(self._outbox, event, self._clock)
         try:
             try:
-                request = CertificationUpsert.for_state(
-                    event.id,
-                    event.occurred_at,
-                    CertificationState.model_validate(event.state),
-                    today_in(self._zone, self._clock),
+                request = upsert_for(
+                    event.id, event.occurred_at, event.state, today_in(self._zone, self._clock)
                 )
-            except ValidationError as exc:
+            except UndeliverableState as exc:
                 await self._keep_undeliverable(event, sink, exc)
                 return
             outcome = await self._sync.deliver(
@@ -297,18 +263,17 @@ class SyncWorker:
             )
 
     async def _keep_undeliverable(
-        self, event: ClaimedEvent, sink: OutboxFailureSink, exc: ValidationError
+        self, event: ClaimedEvent, sink: OutboxFailureSink, exc: UndeliverableState
     ) -> None:
         """A stored state that no longer fits the contract: reported and kept for investigation."""
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        log.error("event_state_invalid", event_id=str(event.id), problems=problems)
+        log.error("event_state_invalid", event_id=str(event.id), problems=exc.problems)
         await sink.record(
             DeliveryFailure(
                 operation_type=event.operation_type,
                 certification_id=event.certification_id,
                 event_id=event.id,
                 payload={"state": event.state},
-                failure_reason=f"stored state does not fit contract v1: {problems}",
+                failure_reason=str(exc),
                 attempt_count=0,
                 status="requires_investigation",
             )

@@ -72,7 +72,7 @@ async def test_an_operator_sees_a_real_failed_delivery_and_replays_it_once_the_p
     await expect(page.get_by_role("status")).to_contain_text("Replayed")
     await expect(page.locator("table.history")).to_contain_text(USERNAME)
     entry = await runtime.queue.get(entry_id)
-    assert (entry["status"], entry["last_replayed_by"]) == ("replayed", USERNAME)
+    assert (entry.status, entry.last_replayed_by) == ("replayed", USERNAME)
 
 
 async def test_an_operator_discards_an_entry_giving_a_reason(
@@ -88,7 +88,7 @@ async def test_an_operator_discards_an_entry_giving_a_reason(
     await expect(page.locator("#entry-status")).to_have_text("discarded")
     await expect(page.locator("dl.facts")).to_contain_text(f"{USERNAME}: certification withdrawn by HLF")
     entry = await runtime.queue.get(entry_id)
-    assert (entry["discarded_reason"], entry["discarded_by"]) == ("certification withdrawn by HLF", USERNAME)
+    assert (entry.discarded_reason, entry.discarded_by) == ("certification withdrawn by HLF", USERNAME)
 
 
 async def test_a_filtered_replay_shows_how_many_before_it_acts(
@@ -104,7 +104,7 @@ async def test_a_filtered_replay_shows_how_many_before_it_acts(
     await page.get_by_role("button", name="Yes, replay 2").click()
 
     await expect(page.get_by_role("heading", name="Replay: 2 entries")).to_be_visible()
-    assert {(await runtime.queue.get(i))["status"] for i in ids} == {"replayed"}
+    assert {(await runtime.queue.get(i)).status for i in ids} == {"replayed"}
 
 
 async def test_a_form_posted_without_its_csrf_token_is_refused_and_changes_nothing(
@@ -120,7 +120,7 @@ async def test_a_form_posted_without_its_csrf_token_is_refused_and_changes_nothi
 
     assert response.status == 403
     assert "CSRF" in await response.text()
-    assert (await runtime.queue.get(entry_id))["status"] == "pending"
+    assert (await runtime.queue.get(entry_id)).status == "pending"
 
 
 async def test_another_site_cannot_post_a_form_with_the_operators_session(
@@ -135,4 +135,4 @@ async def test_another_site_cannot_post_a_form_with_the_operators_session(
     await page.get_by_role("button", name="Win a prize").click()
 
     await expect(page.locator("body")).to_contain_text("Not signed in")
-    assert (await runtime.queue.get(entry_id))["status"] == "pending"
+    assert (await runtime.queue.get(entry_id)).status == "pending"

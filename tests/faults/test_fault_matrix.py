@@ -123,8 +123,8 @@ async def test_a_503_storm_opens_the_circuit_after_three_calls_and_the_backlog_w
         assert (await run.runtime.breaker.snapshot()).state is CircuitState.OPEN
         assert (stats.delivered, stats.queued_pending) == (0, 1)
         [entry] = await run.queue()
-        assert (entry["status"], entry["attempt_count"]) == ("pending", 3)
-        assert "circuit opened after 3 attempt(s)" in entry["failure_reason"]
+        assert (entry.status, entry.attempt_count) == ("pending", 3)
+        assert "circuit opened after 3 attempt(s)" in entry.failure_reason
         assert len(run.logged("dynamics_attempt", status=503)) == 3
         assert run.logged("circuit_transition", new_state="open")
         assert run.logged("delivery_queued", queue_status="pending")
@@ -247,7 +247,7 @@ async def test_a_permanent_4xx_goes_to_requires_investigation_without_a_retry(fa
 
         assert (stats.delivered, stats.queued_investigation) == (2, 1)
         [entry] = await run.queue()
-        assert (entry["status"], entry["attempt_count"]) == ("requires_investigation", 1)
+        assert (entry.status, entry.attempt_count) == ("requires_investigation", 1)
         assert len(run.puts()) == 3, "the refused request is not retried"
         assert run.logged("dynamics_attempt", status=422, outcome="PermanentDynamicsError")
         assert run.logged("delivery_queued", queue_status="requires_investigation")

@@ -104,8 +104,8 @@ async def test_an_outbox_event_whose_state_no_longer_fits_is_kept_for_investigat
         [entry] = await runtime.queue.list_entries()
 
     assert (stats.delivered, stats.queued_investigation, stats.crashed) == (len(fine), 1, 0)
-    assert (entry["status"], entry["event_id"]) == ("requires_investigation", bad_event)
-    assert "stored state does not fit contract v1" in entry["failure_reason"]
+    assert (entry.status, entry.event_id) == ("requires_investigation", bad_event)
+    assert "stored state does not fit contract v1" in entry.failure_reason
     [reported] = json_logs.events("event_state_invalid")
     assert reported["event_id"] == str(bad_event)
     await assert_every_event_has_a_home(pool)
@@ -131,6 +131,6 @@ async def test_replaying_an_entry_whose_payload_is_not_an_object_and_whose_certi
         entry = await runtime.queue.get(entry_id)
 
     assert result.status == "requires_investigation"
-    assert entry["status"] == "requires_investigation"
-    assert entry["payload_json"] == ["not", "an", "object"]
-    assert "no longer exists" in str(entry["failure_reason"])
+    assert entry.status == "requires_investigation"
+    assert entry.payload_json == ["not", "an", "object"]
+    assert "no longer exists" in str(entry.failure_reason)

@@ -192,7 +192,7 @@ async def test_queue_replay_sends_the_current_state_and_prints_each_outcome(
         assert f"#{entry_id} replayed (1 call)" in result.stdout
     held = sandbox.sandbox.snapshot()["certifications"]
     assert {held[str(c)]["certification"]["status"] for c in certs} == {"suspended"}
-    assert (await RetryQueue(pool).get(ids[0]))["last_replayed_by"] == "ops-on-call"
+    assert (await RetryQueue(pool).get(ids[0])).last_replayed_by == "ops-on-call"
 
 
 async def test_queue_replay_records_the_os_user_when_no_name_is_given(
@@ -202,7 +202,7 @@ async def test_queue_replay_records_the_os_user_when_no_name_is_given(
     entry_id = await add_entry(pool, cert)
     result = await certsync("queue", "replay", str(entry_id), env=cli_env(database_url, sandbox.url))
     assert result.exit_code == 0, result.output
-    assert (await RetryQueue(pool).get(entry_id))["last_replayed_by"] == getpass.getuser()
+    assert (await RetryQueue(pool).get(entry_id)).last_replayed_by == getpass.getuser()
 
 
 async def test_queue_replay_exits_1_when_a_replay_fails(
@@ -230,8 +230,8 @@ async def test_queue_replay_all_replays_every_pending_entry(
     assert "Replay by" in result.stdout
     assert "3 replayed." in result.stdout
     queue = RetryQueue(pool)
-    assert [(await queue.get(i))["status"] for i in pending] == ["replayed"] * 3
-    assert (await queue.get(investigated))["status"] == "requires_investigation"
+    assert [(await queue.get(i)).status for i in pending] == ["replayed"] * 3
+    assert (await queue.get(investigated)).status == "requires_investigation"
 
 
 async def test_queue_replay_refuses_while_the_sync_flag_is_off(
@@ -259,7 +259,7 @@ async def test_queue_discard_keeps_the_entries_with_the_reason(pool: Pool, datab
     queue = RetryQueue(pool)
     for entry_id in ids:
         entry = await queue.get(entry_id)
-        assert (entry["status"], entry["discarded_reason"], entry["discarded_by"]) == (
+        assert (entry.status, entry.discarded_reason, entry.discarded_by) == (
             "discarded",
             "mentor left HLF",
             "ops-on-call",
@@ -275,7 +275,7 @@ async def test_queue_discard_leaves_a_replayed_entry_as_it_is(pool: Pool, databa
     result = await certsync("queue", "discard", str(entry_id), "--reason", "late", env=cli_env(database_url))
     assert result.exit_code == 0
     assert "already replayed" in result.stdout
-    assert (await RetryQueue(pool).get(entry_id))["status"] == "replayed"
+    assert (await RetryQueue(pool).get(entry_id)).status == "replayed"
 
 
 # streaming --------------------------------------------------------------------------------------------

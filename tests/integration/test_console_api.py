@@ -443,7 +443,7 @@ async def test_a_discard_form_without_a_reason_is_422(
     csrf = await signed_in_csrf(client)
     response = await client.post(f"/queue/{entry_id}/discard", data={"csrf_token": csrf, "reason": "  "})
     assert response.status_code == 422
-    assert (await runtime.queue.get(entry_id))["status"] == "pending"
+    assert (await runtime.queue.get(entry_id)).status == "pending"
 
 
 # --- acting --------------------------------------------------------------------------------------
@@ -456,8 +456,8 @@ async def test_replaying_after_the_portal_recovers_marks_the_entry_replayed_by_t
     result = (await api.post(f"/api/queue/{entry_id}/replay")).json()
     assert result == {"entry_id": entry_id, "status": "replayed", "attempts": 1, "reason": None}
     entry = await runtime.queue.get(entry_id)
-    assert entry["status"] == "replayed"
-    assert entry["last_replayed_by"] == "api-robot"
+    assert entry.status == "replayed"
+    assert entry.last_replayed_by == "api-robot"
 
 
 async def test_replaying_while_the_portal_is_still_down_keeps_the_entry_pending(
@@ -467,7 +467,7 @@ async def test_replaying_while_the_portal_is_still_down_keeps_the_entry_pending(
     portal_answers(sandbox, 503)
     result = (await api.post(f"/api/queue/{entry_id}/replay")).json()
     assert result["status"] == "pending"
-    assert (await runtime.queue.get(entry_id))["replay_count"] == 1
+    assert (await runtime.queue.get(entry_id)).replay_count == 1
 
 
 async def test_replaying_through_the_form_records_the_signed_in_operator(
@@ -477,7 +477,7 @@ async def test_replaying_through_the_form_records_the_signed_in_operator(
     csrf = await signed_in_csrf(client)
     response = await client.post(f"/queue/{entry_id}/replay", data={"csrf_token": csrf})
     assert response.headers["location"] == f"/queue/{entry_id}?notice=replayed"
-    assert (await runtime.queue.get(entry_id))["last_replayed_by"] == USERNAME
+    assert (await runtime.queue.get(entry_id)).last_replayed_by == USERNAME
 
 
 async def test_discarding_keeps_the_entry_with_the_reason_and_who(
@@ -489,7 +489,7 @@ async def test_discarding_keeps_the_entry_with_the_reason_and_who(
     )
     assert response.json() == {"entry_id": entry_id, "status": "discarded"}
     entry = await runtime.queue.get(entry_id)
-    assert (entry["status"], entry["discarded_reason"], entry["discarded_by"]) == (
+    assert (entry.status, entry.discarded_reason, entry.discarded_by) == (
         "discarded",
         "certification deleted in HLF",
         "api-robot",
@@ -532,10 +532,10 @@ async def test_a_filtered_replay_replays_only_the_selection(
     ids = await failed_deliveries(pool, runtime, sandbox, count=3)
     chosen = await runtime.queue.get(ids[0])
     csrf = await signed_in_csrf(client)
-    form = {"csrf_token": csrf, "certification_id": str(chosen["certification_id"])}
+    form = {"csrf_token": csrf, "certification_id": str(chosen.certification_id)}
     page = await client.post("/queue/selection/replay", data=form)
     assert "Replay: 1 entry" in page.text
-    statuses = [(await runtime.queue.get(i))["status"] for i in ids]
+    statuses = [(await runtime.queue.get(i)).status for i in ids]
     assert statuses == ["replayed", "pending", "pending"]
 
 
@@ -545,7 +545,7 @@ async def test_a_filtered_discard_over_the_api_records_the_reason_on_each(
     ids = await failed_deliveries(pool, runtime, sandbox, count=2)
     body = {"filters": {"status": "pending"}, "reason": "superseded by a manual fix"}
     assert (await api.post("/api/queue/selection/discard", json=body)).json() == {"discarded": 2}
-    reasons = {(await runtime.queue.get(i))["discarded_reason"] for i in ids}
+    reasons = {(await runtime.queue.get(i)).discarded_reason for i in ids}
     assert reasons == {"superseded by a manual fix"}
 
 
@@ -609,7 +609,7 @@ async def test_a_filtered_discard_through_the_form_records_the_reason_and_the_op
     page = await client.post("/queue/selection/discard", data=form)
     assert "Discard: 2 entries" in page.text
     entries = [await runtime.queue.get(i) for i in ids]
-    assert {(e["status"], e["discarded_by"]) for e in entries} == {("discarded", USERNAME)}
+    assert {(e.status, e.discarded_by) for e in entries} == {("discarded", USERNAME)}
 
 
 @pytest.fixture

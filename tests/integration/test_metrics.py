@@ -15,11 +15,18 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from certsync.app import Runtime, open_runtime
 from certsync.console import create_console_app
+from certsync.logs import configure_logging
 from certsync.metrics import (
     ProcessMetrics,
     SystemStatusCollector,
-    install_log_metrics,
     start_worker_metrics,
+)
+from certsync.resilience.instrumentation import (
+    AttemptFailed,
+    CircuitTransitioned,
+    DeliveryFinished,
+    RequestFinished,
+    RetryScheduled,
 )
 from certsync.sandbox.faults import FaultScript, FaultStep
 from certsync.sandbox.server import SandboxServer
@@ -45,12 +52,12 @@ def value(text: str, name: str, **labels: str) -> float | None:
     return samples(text).get((name, tuple(sorted(labels.items()))))
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def restore_logging() -> Iterator[None]:
-    """install_log_metrics changes the process's structlog chain; put it back after each test."""
-    before = structlog.get_config()["processors"]
+    """For a test that reconfigures the process's logging: put it back afterwards."""
+    before = structlog.get_config()
     yield
-    structlog.configure(processors=before)
+    structlog.configure(**before)
 
 
 @pytest.fixture
@@ -150,11 +157,11 @@ def test_a_scrape_that_cannot_read_the_database_says_so_instead_of_failing() -> 
     assert "certsync_retry_queue_entries" not in text
 
 
-async def test_attempts_retries_latency_and_outcomes_are_counted_from_the_delivery_log(
+async def test_attempts_retries_latency_and_outcomes_are_counted_from_delivery_events(
     pool: Pool, runtime: Runtime, sandbox: SandboxServer
 ) -> None:
     metrics = ProcessMetrics()
-    install_log_metrics(metrics)
+    runtime.instrumentation.add(metrics.observe)
     sandbox.sandbox.load_faults(FaultScript(steps=(FaultStep(status=503, times=2, scope="put"),)))
     await seed_certifications(pool, 1)
     await runtime.worker(FAST, listen=False).run(once=True)
@@ -175,21 +182,21 @@ async def test_queued_deliveries_and_breaker_transitions_are_counted(
     pool: Pool, database_url: str, sandbox: SandboxServer
 ) -> None:
     metrics = ProcessMetrics()
-    install_log_metrics(metrics)
     sandbox.sandbox.load_faults(FaultScript(steps=(FaultStep(status=503, times=None, scope="put"),)))
     await seed_certifications(pool, 1)
     settings = console_settings(database_url, sandbox, breaker_failure_threshold=3)
     async with open_runtime(settings) as rt:
+        rt.instrumentation.add(metrics.observe)
         await rt.worker(FAST, listen=False).run(once=True)
     text = generate_latest(metrics.registry).decode()
     assert value(text, "certsync_deliveries_total", outcome="pending") == 1
     assert value(text, "certsync_breaker_transitions_total", from_state="closed", to_state="open") == 1
 
 
-async def test_installing_twice_counts_each_event_once(pool: Pool, runtime: Runtime) -> None:
+async def test_adding_the_hook_twice_counts_each_event_once(pool: Pool, runtime: Runtime) -> None:
     metrics = ProcessMetrics()
-    install_log_metrics(ProcessMetrics())
-    install_log_metrics(metrics)
+    runtime.instrumentation.add(metrics.observe)
+    runtime.instrumentation.add(metrics.observe)
     await seed_certifications(pool, 1)
     await runtime.worker(FAST, listen=False).run(once=True)
     text = generate_latest(metrics.registry).decode()
@@ -216,26 +223,49 @@ async def test_the_worker_serves_shared_gauges_and_its_own_tallies_on_its_port(
     assert value(text, "certsync_dynamics_attempts_total", outcome="delivered") == 2
 
 
-def test_a_delivered_attempt_is_a_put_answered_2xx_and_nothing_else() -> None:
-    """Delivered attempts have no service line: the client's ``dynamics_request`` of the upsert counts."""
+async def test_metrics_still_count_when_logging_is_at_warning_level(
+    pool: Pool, runtime: Runtime, sandbox: SandboxServer, restore_logging: None
+) -> None:
+    """Nothing is counted from log lines: at warning level the info lines are dropped, the counts are not."""
+    configure_logging("json", "warning")
     metrics = ProcessMetrics()
-    for method, status in (
-        ("PUT", 200),
-        ("PUT", 204),
-        ("PUT", 401),
-        ("PUT", 503),
-        ("GET", 200),
-        ("POST", 200),
-    ):
-        metrics.observe({"event": "dynamics_request", "method": method, "status": status, "duration_ms": 5.0})
-    metrics.observe(
-        {"event": "dynamics_request", "method": "PUT", "error": "ReadTimeout", "duration_ms": 1.0}
-    )
-    metrics.observe({"event": "dynamics_attempt", "outcome": "TransientDynamicsError", "status": 503})
+    runtime.instrumentation.add(metrics.observe)
+    sandbox.sandbox.load_faults(FaultScript(steps=(FaultStep(status=503, times=1, scope="put"),)))
+    await seed_certifications(pool, 2)
+    await runtime.worker(FAST, listen=False).run(once=True)
     text = generate_latest(metrics.registry).decode()
-    assert value(text, "certsync_dynamics_attempts_total", outcome="delivered") == 2
     assert value(text, "certsync_deliveries_total", outcome="delivered") == 2
+    assert value(text, "certsync_dynamics_attempts_total", outcome="delivered") == 2
+    assert value(text, "certsync_dynamics_retries_total") == 1  # retry_scheduled is an info line
+    count = value(text, "certsync_dynamics_request_duration_seconds_count", method="PUT", status_class="2xx")
+    assert count == 2
+
+
+def test_each_delivery_event_is_counted_under_its_own_metric() -> None:
+    metrics = ProcessMetrics()
+    for event in (
+        RequestFinished("PUT", 204, 0.005),
+        RequestFinished("PUT", 503, 0.005),
+        RequestFinished("POST", 200, 0.005),
+        RequestFinished("PUT", None, 0.001),
+        AttemptFailed("TransientDynamicsError"),
+        AttemptFailed("RateLimitedError"),
+        AttemptFailed("SomethingElse"),
+        RetryScheduled(1, 2.0),
+        DeliveryFinished("delivered", 2),
+        DeliveryFinished("pending", 4),
+        CircuitTransitioned("closed", "open"),
+    ):
+        metrics.observe(event)
+    text = generate_latest(metrics.registry).decode()
+    assert value(text, "certsync_dynamics_attempts_total", outcome="delivered") == 1
     assert value(text, "certsync_dynamics_attempts_total", outcome="transient") == 1
-    assert (
-        value(text, "certsync_dynamics_request_duration_seconds_count", method="PUT", status_class="2xx") == 2
-    )
+    assert value(text, "certsync_dynamics_attempts_total", outcome="rate_limited") == 1
+    assert value(text, "certsync_dynamics_attempts_total", outcome="error") == 1
+    assert value(text, "certsync_deliveries_total", outcome="delivered") == 1
+    assert value(text, "certsync_deliveries_total", outcome="pending") == 1
+    assert value(text, "certsync_dynamics_retries_total") == 1
+    assert value(text, "certsync_breaker_transitions_total", from_state="closed", to_state="open") == 1
+    histogram = "certsync_dynamics_request_duration_seconds_count"
+    for method, status_class in (("PUT", "2xx"), ("PUT", "5xx"), ("POST", "2xx"), ("PUT", "error")):
+        assert value(text, histogram, method=method, status_class=status_class) == 1

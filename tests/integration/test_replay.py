@@ -18,8 +18,9 @@ from certsync.app import Runtime, open_runtime
 from certsync.logs import configure_logging
 from certsync.sandbox.faults import FaultScript, FaultStep
 from certsync.sandbox.server import SandboxServer
-from certsync.sandbox.state import SandboxConfig
+from certsync.sandbox.state import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, SandboxConfig
 from certsync.store.pool import Pool
+from certsync.store.retry_queue import RetryEntry
 from tests.support.memory import traced_bytes_of_all_entries
 from tests.support.runtime import FAST, puts, settings_for
 from tests.support.seed import seed_certifications, seed_pending_entries, set_status
@@ -50,35 +51,58 @@ async def runtime(database_url: str, sandbox: SandboxServer) -> AsyncIterator[Ru
         yield rt
 
 
-async def failed_delivery(
-    pool: Pool, runtime: Runtime, sandbox: SandboxServer, status: int
-) -> dict[str, Any]:
+async def failed_delivery(pool: Pool, runtime: Runtime, sandbox: SandboxServer, status: int) -> RetryEntry:
     """One certification whose delivery failed with ``status``: its retry queue entry."""
     portal_answers(sandbox, status)
     await seed_certifications(pool, 1)
     await runtime.worker(FAST).run(once=True)
     [row] = await runtime.queue.list_entries()
-    return await runtime.queue.get(int(row["id"]))
+    return await runtime.queue.get(row.id)
+
+
+async def test_one_process_fetches_one_oauth_token_for_every_replay_it_makes(
+    pool: Pool, database_url: str, sandbox: SandboxServer
+) -> None:
+    settings = settings_for(
+        database_url,
+        sandbox,
+        breaker_failure_threshold=50,
+        dynamics_token=None,
+        dynamics_token_url=f"{sandbox.url}/oauth2/token",
+        dynamics_client_id=DEFAULT_CLIENT_ID,
+        dynamics_client_secret=DEFAULT_CLIENT_SECRET,
+    )
+    async with open_runtime(settings) as rt:
+        portal_answers(sandbox, 503)
+        await seed_certifications(pool, 3)
+        await rt.worker(FAST).run(once=True)
+        portal_answers(sandbox, None)
+        entries = await rt.queue.list_entries()
+        assert len(entries) == 3
+        for entry in entries:  # as the console does: one replay per request, over one runtime
+            assert (await rt.queue_service().replay(entry.id, by=OPERATOR)).status == "replayed"
+    token_fetches = [r for r in sandbox.sandbox.requests() if r.path == "/oauth2/token"]
+    assert len(token_fetches) == 1
 
 
 async def test_replaying_a_pending_entry_after_the_portal_recovers_sends_the_current_state(
     pool: Pool, runtime: Runtime, sandbox: SandboxServer
 ) -> None:
     entry = await failed_delivery(pool, runtime, sandbox, 503)
-    assert entry["status"] == "pending"
-    assert entry["payload_json"]["certification"]["status"] == "active"
+    assert entry.status == "pending"
+    assert entry.payload_json["certification"]["status"] == "active"
     # Between the failure and the replay a coordinator suspends the certification.
-    await set_status(pool, [entry["certification_id"]], "suspended")
+    await set_status(pool, [entry.certification_id], "suspended")
     portal_answers(sandbox, None)
 
-    result = await runtime.replay_service().replay(int(entry["id"]), by=OPERATOR)
+    result = await runtime.replay_service().replay(int(entry.id), by=OPERATOR)
 
     assert result.status == "replayed"
-    replayed = await runtime.queue.get(int(entry["id"]))
-    assert replayed["status"] == "replayed"
-    assert replayed["replay_count"] == 1
-    assert replayed["last_replayed_by"] == OPERATOR
-    held = sandbox.sandbox.snapshot()["certifications"][str(entry["certification_id"])]["certification"]
+    replayed = await runtime.queue.get(int(entry.id))
+    assert replayed.status == "replayed"
+    assert replayed.replay_count == 1
+    assert replayed.last_replayed_by == OPERATOR
+    held = sandbox.sandbox.snapshot()["certifications"][str(entry.certification_id)]["certification"]
     assert (held["status"], held["version"]) == ("suspended", 2)
 
 
@@ -86,18 +110,18 @@ async def test_a_replay_while_the_portal_still_fails_goes_back_to_pending_with_t
     pool: Pool, runtime: Runtime, sandbox: SandboxServer
 ) -> None:
     entry = await failed_delivery(pool, runtime, sandbox, 503)
-    assert "503" in entry["failure_reason"]
+    assert "503" in entry.failure_reason
     portal_answers(sandbox, 502)
 
-    result = await runtime.replay_service().replay(int(entry["id"]), by=OPERATOR)
+    result = await runtime.replay_service().replay(int(entry.id), by=OPERATOR)
 
     assert result.status == "pending"
-    after = await runtime.queue.get(int(entry["id"]))
-    assert after["status"] == "pending"
-    assert "502" in after["failure_reason"]
-    assert after["replay_count"] == 1
-    assert after["attempt_count"] == entry["attempt_count"] + 4
-    assert [item["status"] for item in after["failure_history"]] == ["pending", "pending"]
+    after = await runtime.queue.get(int(entry.id))
+    assert after.status == "pending"
+    assert "502" in after.failure_reason
+    assert after.replay_count == 1
+    assert after.attempt_count == entry.attempt_count + 4
+    assert [item["status"] for item in after.failure_history] == ["pending", "pending"]
 
 
 async def test_discarding_keeps_the_entry_with_its_reason_and_who_discarded_it(
@@ -106,32 +130,32 @@ async def test_discarding_keeps_the_entry_with_its_reason_and_who_discarded_it(
     entry = await failed_delivery(pool, runtime, sandbox, 400)
 
     discarded = await runtime.queue.discard(
-        int(entry["id"]), reason="duplicate mentor, merged by HLF", by=OPERATOR, now=runtime.clock.now()
+        int(entry.id), reason="duplicate mentor, merged by HLF", by=OPERATOR, now=runtime.clock.now()
     )
 
     assert discarded
-    after = await runtime.queue.get(int(entry["id"]))
-    assert (after["status"], after["discarded_reason"], after["discarded_by"]) == (
+    after = await runtime.queue.get(int(entry.id))
+    assert (after.status, after.discarded_reason, after.discarded_by) == (
         "discarded",
         "duplicate mentor, merged by HLF",
         OPERATOR,
     )
-    assert after["payload_json"] == entry["payload_json"]
+    assert after.payload_json == entry.payload_json
 
 
 async def test_a_discarded_entry_is_not_replayed(
     pool: Pool, runtime: Runtime, sandbox: SandboxServer
 ) -> None:
     entry = await failed_delivery(pool, runtime, sandbox, 400)
-    await runtime.queue.discard(int(entry["id"]), reason="obsolete", by=OPERATOR, now=runtime.clock.now())
+    await runtime.queue.discard(int(entry.id), reason="obsolete", by=OPERATOR, now=runtime.clock.now())
     portal_answers(sandbox, None)
     sent_before = len(puts(sandbox))
 
-    result = await runtime.replay_service().replay(int(entry["id"]), by=OPERATOR)
+    result = await runtime.replay_service().replay(int(entry.id), by=OPERATOR)
 
     assert result.status == "skipped"
     assert len(puts(sandbox)) == sent_before
-    assert (await runtime.queue.get(int(entry["id"])))["status"] == "discarded"
+    assert (await runtime.queue.get(int(entry.id))).status == "discarded"
 
 
 # Bounded memory -------------------------------------------------------------------------------------------
@@ -230,7 +254,7 @@ async def test_bulk_replay_stops_while_the_circuit_is_open_and_leaves_the_rest_u
     assert len(puts(sandbox)) == before  # no request was sent
     rows = await runtime.queue.list_entries(status="pending")
     assert len(rows) == 3
-    assert all(r["replay_count"] == 0 for r in rows)
+    assert all(r.replay_count == 0 for r in rows)
 
 
 async def failed_delivery_keep(pool: Pool, runtime: Runtime, sandbox: SandboxServer) -> None:

@@ -121,8 +121,8 @@ async def test_a_4xx_lands_in_requires_investigation(
     stats = await runtime.worker(FAST).run(once=True)
     assert stats.queued_investigation == 1
     [entry] = await runtime.queue.list_entries()
-    assert entry["status"] == "requires_investigation"
-    assert entry["attempt_count"] == 1
+    assert entry.status == "requires_investigation"
+    assert entry.attempt_count == 1
 
 
 async def test_two_workers_deliver_every_certification_exactly_once(

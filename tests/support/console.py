@@ -54,7 +54,7 @@ async def failed_deliveries(
     await runtime.worker(FAST, listen=False).run(once=True)
     portal_answers(sandbox, None)
     rows = await runtime.queue.list_entries(limit=count + 10)
-    return sorted(int(r["id"]) for r in rows)
+    return sorted(r.id for r in rows)
 
 
 def csrf_of(page: httpx.Response) -> str:

@@ -17,7 +17,7 @@ from standardwebhooks import Webhook
 from structlog.testing import capture_logs
 
 from certsync.dynamics.auth import StaticTokenProvider
-from certsync.dynamics.client import DeliveryReceipt, DynamicsClient, remaining_budget
+from certsync.dynamics.client import DynamicsClient
 from certsync.dynamics.contract import CertificationState, CertificationUpsert, contract_schema
 from certsync.dynamics.errors import (
     AuthenticationError,
@@ -27,6 +27,8 @@ from certsync.dynamics.errors import (
     RateLimitedError,
     TransientDynamicsError,
 )
+from certsync.dynamics.http import remaining_budget
+from certsync.dynamics.port import DeliveryReceipt
 from certsync.dynamics.signing import RequestSigner
 from certsync.resilience.gate import SendGate
 from certsync.resilience.testing import ManualClock

@@ -11,10 +11,10 @@ import pytest
 import respx
 from structlog.testing import capture_logs
 
+from certsync.delivery.sync_service import DeliveryFailure, HLFDynamicsSyncService, Outcome
 from certsync.dynamics.auth import StaticTokenProvider
 from certsync.dynamics.client import DynamicsClient
 from certsync.dynamics.contract import CertificationState, CertificationUpsert
-from certsync.dynamics.sync_service import DeliveryFailure, HLFDynamicsSyncService, Outcome
 from certsync.resilience.breaker import CircuitState, DynamicsCircuitBreaker, InMemoryBreakerStore
 from certsync.resilience.gate import SendGate
 from certsync.resilience.retry import RetryPolicy

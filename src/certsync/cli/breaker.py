@@ -12,7 +12,6 @@ from rich.table import Table
 
 from certsync import app as composition
 from certsync.cli._common import cli, load_settings, out, run
-from certsync.resilience.breaker import CircuitState
 
 breaker_cli = typer.Typer(
     name="breaker", help="The circuit breaker every worker shares.", no_args_is_help=True
@@ -67,10 +66,10 @@ def reset() -> None:
     """Close the circuit now: every worker sends again on its next claim."""
     settings = load_settings()
 
-    async def work() -> CircuitState | None:
+    async def work() -> str | None:
         async with composition.open_runtime(settings, max_pool_size=1) as rt:
             transition = await rt.breaker.reset()
-            return transition.old if transition is not None else None
+            return str(transition.old) if transition is not None else None
 
     previous = run(work)
     if previous is None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from certsync import app as composition
 from certsync.cli._common import cli, load_settings, out, run
 
@@ -12,14 +10,7 @@ from certsync.cli._common import cli, load_settings, out, run
 def migrate() -> None:
     """Apply supabase/migrations/*.sql (after the local Supabase shims on a plain PostgreSQL). Idempotent."""
     settings = load_settings()
-
-    async def work() -> Any:
-        from certsync.store.migrations import migrate as apply
-
-        async with composition.open_pool_for(settings, max_size=1) as pool, pool.connection() as conn:
-            return await apply(conn)
-
-    report = run(work)
+    report = run(lambda: composition.migrate_database(settings))
     if report.shims_applied:
         out.print("Applied the local Supabase shims (roles, auth schema, auth.uid()/auth.jwt()).")
     for name in report.applied:

@@ -6,13 +6,13 @@ writing each row as it comes, so 100k entries are never held in memory at once.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import getpass
 import json
 import sys
 from collections.abc import AsyncIterator
 from datetime import date, datetime
-from typing import Annotated, Any, TextIO
+from typing import Annotated, TextIO
 from uuid import UUID
 
 import typer
@@ -24,8 +24,13 @@ from rich.table import Table
 
 from certsync import app as composition
 from certsync.cli._common import cli, fail, load_settings, out, run
-from certsync.replay import ReplayResult, ReplaySummary
-from certsync.store.retry_queue import QUEUE_STATUSES, RetryQueue
+from certsync.delivery.queue import (
+    QUEUE_STATUSES,
+    ReplayResult,
+    ReplaySummary,
+    RetryEntry,
+    RetryEntrySummary,
+)
 
 queue_cli = typer.Typer(
     name="queue",
@@ -33,9 +38,6 @@ queue_cli = typer.Typer(
     no_args_is_help=True,
 )
 cli.add_typer(queue_cli)
-
-PAGE_SIZE = 500
-"""Rows fetched per round trip when streaming: about 0.5 MB of rows in memory, whatever the total."""
 
 _STATUS_COLOURS = {
     "pending": "yellow",
@@ -104,6 +106,8 @@ def operator(by: str | None) -> str:
 
 
 def _json_value(value: object) -> object:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     if isinstance(value, datetime | date):
         return value.isoformat()
     if isinstance(value, UUID):
@@ -111,11 +115,11 @@ def _json_value(value: object) -> object:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def to_json(row: dict[str, Any]) -> str:
+def to_json(row: object) -> str:
     return json.dumps(row, default=_json_value, ensure_ascii=False)
 
 
-async def write_json_array(rows: AsyncIterator[dict[str, Any]], stream: TextIO) -> int:
+async def write_json_array(rows: AsyncIterator[RetryEntrySummary], stream: TextIO) -> int:
     """Write ``rows`` as one JSON array, each row as it arrives; returns how many were written."""
     count = 0
     stream.write("[")
@@ -159,16 +163,16 @@ def _entries_table(title: str | None = None) -> Table:
     return table
 
 
-def _add_entry_row(table: Table, row: dict[str, Any]) -> None:
+def _add_entry_row(table: Table, row: RetryEntrySummary) -> None:
     table.add_row(
-        str(row["id"]),
-        _when(row["created_at"]),
-        _status_text(row["status"]),
-        escape(row["operation_type"]),
-        str(row["certification_id"] or "-"),
-        str(row["attempt_count"]),
-        str(row["replay_count"]),
-        escape(row["failure_reason"]),
+        str(row.id),
+        _when(row.created_at),
+        _status_text(row.status),
+        escape(row.operation_type),
+        str(row.certification_id or "-"),
+        str(row.attempt_count),
+        str(row.replay_count),
+        escape(row.failure_reason),
     )
 
 
@@ -176,31 +180,6 @@ def _outcome_line(result: ReplayResult) -> str:
     calls = f" ({result.attempts} call{'s' if result.attempts != 1 else ''})" if result.attempts else ""
     reason = f": {escape(result.reason)}" if result.reason else ""
     return f"#{result.entry_id} {_status_text(result.status)}{calls}{reason}"
-
-
-# Streaming ----------------------------------------------------------------------------------------------
-
-
-async def matching_entries(
-    queue: RetryQueue,
-    *,
-    status: str | None,
-    operation_type: str | None,
-    certification_id: UUID | None,
-    limit: int,
-) -> AsyncIterator[dict[str, Any]]:
-    """Newest first, at most ``limit`` (0: all), a page at a time."""
-    page_size = min(limit, PAGE_SIZE) if limit else PAGE_SIZE
-    taken = 0
-    rows = queue.iterate(
-        status=status, operation_type=operation_type, certification_id=certification_id, page_size=page_size
-    )
-    async with contextlib.aclosing(rows):  # type: ignore[type-var]
-        async for row in rows:
-            yield row
-            taken += 1
-            if taken == limit:
-                return
 
 
 # Commands -----------------------------------------------------------------------------------------------
@@ -228,8 +207,7 @@ def list_entries(
 
     async def work() -> int:
         async with composition.open_runtime(settings, max_pool_size=1) as rt:
-            rows = matching_entries(
-                rt.queue,
+            rows = rt.queue_service().entries(
                 status=status,
                 operation_type=operation_type,
                 certification_id=certification_id,
@@ -258,38 +236,34 @@ def show(
     [checked_id] = checked_ids([entry_id])
     settings = load_settings()
 
-    async def work() -> dict[str, Any]:
+    async def work() -> RetryEntry:
         async with composition.open_runtime(settings, max_pool_size=1) as rt:
-            return await rt.queue.get(checked_id)
+            return await rt.queue_service().get(checked_id)
 
     entry = run(work)
     if as_json:
         sys.stdout.write(to_json(entry) + "\n")
         return
-    details = Table(
-        show_header=False, box=None, title=f"Retry queue entry #{entry['id']}", title_justify="left"
-    )
-    details.add_row("status", _status_text(entry["status"]))
-    details.add_row("operation", escape(entry["operation_type"]))
-    details.add_row("certification", str(entry["certification_id"] or "-"))
-    details.add_row("event", str(entry["event_id"] or "-"))
-    details.add_row("failure reason", escape(entry["failure_reason"]))
-    details.add_row("attempts", str(entry["attempt_count"]))
-    details.add_row("replays", str(entry["replay_count"]))
-    details.add_row(
-        "last replayed", f"{_when(entry['last_replayed_at'])} by {entry['last_replayed_by'] or '-'}"
-    )
-    if entry["status"] == "discarded":
-        details.add_row("discarded", f"by {entry['discarded_by']}: {escape(entry['discarded_reason'] or '')}")
-    details.add_row("created", _when(entry["created_at"]))
-    details.add_row("updated", _when(entry["updated_at"]))
+    details = Table(show_header=False, box=None, title=f"Retry queue entry #{entry.id}", title_justify="left")
+    details.add_row("status", _status_text(entry.status))
+    details.add_row("operation", escape(entry.operation_type))
+    details.add_row("certification", str(entry.certification_id or "-"))
+    details.add_row("event", str(entry.event_id or "-"))
+    details.add_row("failure reason", escape(entry.failure_reason))
+    details.add_row("attempts", str(entry.attempt_count))
+    details.add_row("replays", str(entry.replay_count))
+    details.add_row("last replayed", f"{_when(entry.last_replayed_at)} by {entry.last_replayed_by or '-'}")
+    if entry.status == "discarded":
+        details.add_row("discarded", f"by {entry.discarded_by}: {escape(entry.discarded_reason or '')}")
+    details.add_row("created", _when(entry.created_at))
+    details.add_row("updated", _when(entry.updated_at))
     print_table(details)
     out.print("[bold]payload[/] (what was, or would have been, sent)")
-    out.print(JSON(to_json(entry["payload_json"])))
+    out.print(JSON(to_json(entry.payload_json)))
     history = Table(title="failure history", title_justify="left")
     for name in ("at", "status", "attempts", "reason", "by"):
         history.add_column(name, overflow="fold")
-    for item in entry["failure_history"]:
+    for item in entry.failure_history:
         history.add_row(
             str(item.get("at", "-")),
             _status_text(str(item.get("status", "-"))),
@@ -328,10 +302,10 @@ def replay(
 
     async def work() -> ReplaySummary:
         async with composition.open_runtime(settings) as rt:
-            service = rt.replay_service()
+            service = rt.queue_service()
             if replay_all:
                 selected = status or "pending"
-                total = (await rt.queue.counts()).get(selected, (0, None))[0]
+                total = await service.count(selected)
                 with _progress() as progress:
                     task = progress.add_task(f"replaying {selected} entries", total=total)
 
@@ -340,8 +314,7 @@ def replay(
                         progress.advance(task)
 
                     return await service.replay_all(status=selected, by=who, on_result=on_result)
-            for entry_id in ids:  # every id must exist before anything is sent
-                await rt.queue.get(entry_id)
+            await service.require(ids)  # every id must exist before anything is sent
             summary = ReplaySummary()
             for entry_id in ids:
                 result = await service.replay(entry_id, by=who)
@@ -384,14 +357,13 @@ def discard(
 
     async def work() -> None:
         async with composition.open_runtime(settings, max_pool_size=1) as rt:
-            entries = [await rt.queue.get(entry_id) for entry_id in ids]
-            for entry in entries:
-                if await rt.queue.discard(
-                    int(entry["id"]), reason=reason.strip(), by=who, now=rt.clock.now()
-                ):
-                    out.print(f"#{entry['id']} {_status_text('discarded')}")
+            service = rt.queue_service()
+            await service.require(ids)  # every id must exist before anything changes
+            for entry_id in ids:
+                result = await service.discard(entry_id, reason=reason.strip(), by=who)
+                if result.discarded:
+                    out.print(f"#{entry_id} {_status_text('discarded')}")
                 else:
-                    current = (await rt.queue.get(int(entry["id"])))["status"]
-                    out.print(f"#{entry['id']} left as it is: already {_status_text(current)}")
+                    out.print(f"#{entry_id} left as it is: already {_status_text(result.status)}")
 
     run(work)

@@ -16,9 +16,8 @@ import typer
 
 from certsync import app as composition
 from certsync.cli._common import cli, fail, load_settings, out, run
+from certsync.delivery.status import OutboxDepth
 from certsync.metrics import start_worker_metrics
-from certsync.resilience.breaker import CircuitState
-from certsync.store.outbox import OutboxDepth
 from certsync.worker import WorkerOptions, WorkerStats
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -114,7 +113,7 @@ def worker(
                 return
             _print_summary(stats)
             breaker = await rt.breaker.status()
-            if breaker.state is not CircuitState.CLOSED:
+            if not breaker.closed:
                 depth = await outbox.depth()
                 probe_at = breaker.next_call_at
                 when = f" (next probe at {probe_at.isoformat(timespec='seconds')})" if probe_at else ""

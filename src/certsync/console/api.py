@@ -9,14 +9,13 @@ from uuid import UUID
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from certsync.console.app import Conflict, Unauthorized, context_of
+from certsync.console.context import Conflict, Unauthorized, context_of
 from certsync.console.service import MAX_SELECTION, ConsoleService, QueueFilterParams, Reason
-from certsync.replay import ReplayResult
-from certsync.resilience.breaker import BreakerStatus
-from certsync.store.console_queries import SystemStatus
-from certsync.store.retry_queue import QUEUE_STATUSES
+from certsync.delivery.queue import QUEUE_STATUSES
+from certsync.delivery.replay import ReplayResult
+from certsync.delivery.status import BreakerStatus, SystemStatus
 
 _bearer = HTTPBearer(auto_error=False, description="CERTSYNC_CONSOLE_OPERATOR_TOKEN")
 
@@ -113,6 +112,8 @@ class Overview(BaseModel):
 
 
 class EntrySummary(BaseModel):
+    model_config = ConfigDict(from_attributes=True)  # built from the store's typed rows
+
     id: int
     operation_type: str
     certification_id: UUID | None

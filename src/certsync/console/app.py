@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from datetime import datetime, timedelta
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,119 +20,36 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from fastapi.templating import Jinja2Templates
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from certsync.app import Runtime
-from certsync.console.auth import (
-    SESSION_COOKIE,
-    OperatorCredentials,
-    Session,
-    SessionCodec,
-    session_secret,
+from certsync.console import api, pages
+from certsync.console.context import (
+    Conflict,
+    ConsoleContext,
+    ConsoleNotReady,
+    CsrfRejected,
+    SignInRequired,
+    Unauthorized,
+    context_of,
+    is_api,
+    validation_message,
 )
-from certsync.console.service import ConsoleService
+from certsync.delivery.status import SystemStatus
 from certsync.errors import CertsyncError
 from certsync.metrics import (
     CONTENT_TYPE,
     ProcessMetrics,
     SystemStatusCollector,
-    install_log_metrics,
     render_metrics,
 )
 from certsync.resilience.clock import Clock, SystemClock
 from certsync.settings import Settings
-from certsync.store.console_queries import SystemStatus
-from certsync.store.errors import DatabaseUnavailable, StoreError, first_line
 
 RuntimeFactory = Callable[[], AbstractAsyncContextManager[Runtime]]
 
 _PACKAGE = resources.files("certsync.console")
-
-
-class SignInRequired(Exception):
-    """A page was asked for without a signed-in session (answered with a redirect to /login)."""
-
-
-class Unauthorized(Exception):
-    """No valid credentials for an action or an API call (401)."""
-
-
-class CsrfRejected(Exception):
-    """A form arrived without this session's CSRF token (403)."""
-
-
-class Conflict(Exception):
-    """The action does not apply to the entry as it is now (409), e.g. discarding a replayed entry."""
-
-
-class ConsoleContext:
-    """What every request needs: settings, credentials, the session codec, templates, the runtime."""
-
-    def __init__(
-        self, settings: Settings, clock: Clock, metrics: ProcessMetrics, runtime: Runtime | None
-    ) -> None:
-        self.settings = settings
-        self.clock = clock
-        self.metrics = metrics
-        self.credentials = OperatorCredentials.from_settings(settings)
-        self.codec = SessionCodec(
-            session_secret(settings), timedelta(hours=settings.console_session_hours), clock
-        )
-        self.templates = Jinja2Templates(directory=str(Path(str(_PACKAGE.joinpath("templates")))))
-        self.templates.env.filters["local"] = self.local_time
-        self.templates.env.globals["ago"] = self.ago
-        self.runtime = runtime
-
-    def service(self) -> ConsoleService:
-        if self.runtime is None:
-            raise DatabaseUnavailable("the console is not connected to the database yet")
-        return ConsoleService(self.runtime)
-
-    def session(self, request: Request) -> Session | None:
-        return self.codec.decode(request.cookies.get(SESSION_COOKIE))
-
-    def set_session(self, response: Response, session: Session) -> None:
-        response.set_cookie(
-            SESSION_COOKIE,
-            self.codec.encode(session),
-            max_age=int(self.codec.lifetime.total_seconds()),
-            httponly=True,
-            samesite="strict",
-            secure=self.settings.console_secure_cookies,
-            path="/",
-        )
-
-    def local_time(self, moment: datetime | None) -> str:
-        if moment is None:
-            return "—"
-        return moment.astimezone(self.settings.zone).strftime("%Y-%m-%d %H:%M:%S %Z")
-
-    def ago(self, moment: datetime | None, now: datetime | None = None) -> str:
-        """ "3 min ago" / "in 25 s": how a person reads an age at a glance."""
-        if moment is None:
-            return "—"
-        seconds = int(((now or self.clock.now()) - moment).total_seconds())
-        span = abs(seconds)
-        if span < 60:
-            text = f"{span} s"
-        elif span < 3600:
-            text = f"{span // 60} min"
-        elif span < 86400:
-            text = f"{span // 3600} h {span % 3600 // 60} min"
-        else:
-            text = f"{span // 86400} d {span % 86400 // 3600} h"
-        return f"{text} ago" if seconds >= 0 else f"in {text}"
-
-
-def context_of(request: Request) -> ConsoleContext:
-    context: ConsoleContext = request.app.state.console
-    return context
-
-
-def is_api(request: Request) -> bool:
-    return request.url.path.startswith("/api/")
 
 
 def create_console_app(
@@ -155,11 +71,15 @@ def create_console_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        install_log_metrics(process_metrics)
         if isinstance(runtime, Runtime):
-            yield
+            runtime.instrumentation.add(process_metrics.observe)
+            try:
+                yield
+            finally:
+                runtime.instrumentation.remove(process_metrics.observe)
             return
         async with runtime() as opened:
+            opened.instrumentation.add(process_metrics.observe)
             context.runtime = opened
             try:
                 yield
@@ -179,8 +99,6 @@ def create_console_app(
     _add_error_handlers(app)
     _add_security_headers(app)
 
-    from certsync.console import api, pages
-
     app.include_router(pages.router)
     app.include_router(api.router)
     app.mount("/static", StaticFiles(directory=str(Path(str(_PACKAGE.joinpath("static"))))), name="static")
@@ -191,12 +109,12 @@ def create_console_app(
         status: SystemStatus | None
         try:
             status = await context.service().status()
-        except (StoreError, psycopg.Error):
+        except (CertsyncError, psycopg.Error):
             status = None
 
         def read() -> SystemStatus:
             if status is None:
-                raise DatabaseUnavailable("no status")
+                raise ConsoleNotReady("no status")
             return status
 
         scrape = CollectorRegistry()
@@ -218,14 +136,6 @@ def _problem(request: Request, status: int, message: str, **extra: Any) -> Respo
         {"title": f"{status}", "message": message, "session": session, "status": status},
         status_code=status,
     )
-
-
-def validation_message(errors: Any) -> str:
-    parts = []
-    for error in errors:
-        where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("query", "body", "path"))
-        parts.append(f"{where}: {error.get('msg')}" if where else str(error.get("msg")))
-    return "; ".join(parts) or "invalid input"
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -255,7 +165,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     async def database_error(request: Request, exc: Exception) -> Response:
         # Not an operational failure the store wraps: most often a database never migrated.
-        return _problem(request, 503, f"database error (is it migrated? certsync migrate): {first_line(exc)}")
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return _problem(request, 503, f"database error (is it migrated? certsync migrate): {first_line}")
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)

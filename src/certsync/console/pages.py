@@ -15,7 +15,8 @@ from fastapi.responses import RedirectResponse, Response
 from pydantic import TypeAdapter, ValidationError
 from starlette.datastructures import FormData
 
-from certsync.console.app import (
+from certsync.console.auth import SESSION_COOKIE, Session
+from certsync.console.context import (
     Conflict,
     CsrfRejected,
     SignInRequired,
@@ -23,10 +24,9 @@ from certsync.console.app import (
     context_of,
     validation_message,
 )
-from certsync.console.auth import SESSION_COOKIE, Session
 from certsync.console.service import MAX_SELECTION, QueueFilterParams, Reason
+from certsync.delivery.queue import QUEUE_STATUSES
 from certsync.errors import BadInput
-from certsync.store.retry_queue import QUEUE_STATUSES
 
 router = APIRouter(include_in_schema=False)
 
@@ -263,9 +263,9 @@ async def entry(request: Request, entry_id: EntryId) -> Response:
         "entry.html",
         session,
         entry=row,
-        payload=json.dumps(row["payload_json"], indent=2, sort_keys=True, default=str),
-        history=list(reversed(row.get("failure_history") or [])),
-        actionable=row["status"] in ("pending", "requires_investigation"),
+        payload=json.dumps(row.payload_json, indent=2, sort_keys=True, default=str),
+        history=list(reversed(row.failure_history)),
+        actionable=row.actionable,
     )
 
 

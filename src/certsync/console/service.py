@@ -11,7 +11,7 @@ import base64
 import binascii
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
@@ -19,16 +19,16 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from certsync.app import Runtime
-from certsync.errors import BadInput
-from certsync.replay import ReplayResult, ReplaySummary
-from certsync.resilience.breaker import Transition
-from certsync.store.console_queries import (
-    ConsoleQueries,
+from certsync.delivery.queue import (
     QueueCursor,
     QueueFilters,
-    SystemStatus,
-    read_system_status,
+    ReplayResult,
+    ReplaySummary,
+    RetryEntry,
+    RetryEntrySummary,
 )
+from certsync.delivery.status import SystemStatus, Transition
+from certsync.errors import BadInput
 
 log = structlog.get_logger(__name__)
 
@@ -113,7 +113,7 @@ def decode_cursor(text: str | None) -> QueueCursor | None:
 
 @dataclass(frozen=True, slots=True)
 class QueuePage:
-    entries: list[dict[str, Any]]
+    entries: list[RetryEntrySummary]
     next_cursor: str | None
 
 
@@ -122,61 +122,55 @@ class ConsoleService:
 
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
-        self._queries = ConsoleQueries(runtime.pool)
+        self._queue = runtime.queue_service()
 
     @property
     def zone(self) -> ZoneInfo:
         return self._runtime.settings.zone
 
     async def status(self) -> SystemStatus:
-        return await read_system_status(self._runtime.pool, self._runtime.breaker, self._runtime.clock.now())
+        return await self._runtime.system_status()
 
     async def page(self, filters: QueueFilters, cursor: str | None, limit: int) -> QueuePage:
         # One row more than shown says whether there is a next page without a second query.
-        rows = await self._queries.page(filters, after=decode_cursor(cursor), limit=limit + 1)
+        rows = await self._queue.page(filters, after=decode_cursor(cursor), limit=limit + 1)
         shown = rows[:limit]
         has_more = len(rows) > limit
         last = shown[-1] if shown else None
-        next_cursor = (
-            encode_cursor(QueueCursor(last["created_at"], int(last["id"]))) if has_more and last else None
-        )
+        next_cursor = encode_cursor(QueueCursor(last.created_at, last.id)) if has_more and last else None
         return QueuePage(shown, next_cursor)
 
     async def operation_types(self) -> list[str]:
-        return await self._queries.operation_types()
+        return await self._queue.operation_types()
 
-    async def entry(self, entry_id: int) -> dict[str, Any]:
-        return await self._runtime.queue.get(entry_id)
+    async def entry(self, entry_id: int) -> RetryEntry:
+        return await self._queue.get(entry_id)
 
     async def replay(self, entry_id: int, *, by: str) -> ReplayResult:
-        result = await self._runtime.replay_service().replay(entry_id, by=by)
+        result = await self._queue.replay(entry_id, by=by)
         log.info("console_replay", entry_id=entry_id, outcome=result.status, operator=by)
         return result
 
     async def discard(self, entry_id: int, *, reason: str, by: str) -> bool:
-        discarded = await self._runtime.queue.discard(
-            entry_id, reason=reason, by=by, now=self._runtime.clock.now()
-        )
+        discarded = (await self._queue.discard(entry_id, reason=reason, by=by)).discarded
         log.info("console_discard", entry_id=entry_id, discarded=discarded, operator=by)
         return discarded
 
     async def selection_size(self, filters: QueueFilters) -> int:
         """How many entries a filtered replay or discard would act on (only pending / investigation)."""
-        return min(await self._queries.count(filters, actionable_only=True), MAX_SELECTION)
+        return min(await self._queue.matching(filters, actionable_only=True), MAX_SELECTION)
 
     async def replay_selection(self, filters: QueueFilters, *, by: str) -> ReplaySummary:
         summary = ReplaySummary()
-        replay = self._runtime.replay_service()
         for entry_id in await self._selection_ids(filters):
-            summary.add(await replay.replay(entry_id, by=by))
+            summary.add(await self._queue.replay(entry_id, by=by))
         log.info("console_replay_selection", results=summary.results, operator=by)
         return summary
 
     async def discard_selection(self, filters: QueueFilters, *, reason: str, by: str) -> int:
-        now = self._runtime.clock.now()
         discarded = 0
         for entry_id in await self._selection_ids(filters):
-            discarded += await self._runtime.queue.discard(entry_id, reason=reason, by=by, now=now)
+            discarded += (await self._queue.discard(entry_id, reason=reason, by=by)).discarded
         log.info("console_discard_selection", discarded=discarded, operator=by)
         return discarded
 
@@ -191,9 +185,9 @@ class ConsoleService:
         cursor: QueueCursor | None = None
         while len(ids) < MAX_SELECTION:
             limit = min(500, MAX_SELECTION - len(ids))
-            rows = await self._queries.page(filters, after=cursor, limit=limit, actionable_only=True)
-            ids.extend(int(r["id"]) for r in rows)
+            rows = await self._queue.page(filters, after=cursor, limit=limit, actionable_only=True)
+            ids.extend(row.id for row in rows)
             if len(rows) < limit:
                 break
-            cursor = QueueCursor(rows[-1]["created_at"], int(rows[-1]["id"]))
+            cursor = QueueCursor(rows[-1].created_at, rows[-1].id)
         return ids

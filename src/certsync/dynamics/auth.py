@@ -29,9 +29,10 @@ from typing import Protocol
 import httpx
 from pydantic import BaseModel, Field
 
-from certsync.dynamics.client import classify_response, parse_body, send
 from certsync.dynamics.errors import AuthenticationError, DynamicsError, TransientDynamicsError
+from certsync.dynamics.http import classify_response, parse_body, send
 from certsync.resilience.clock import Clock
+from certsync.resilience.instrumentation import Instrumentation
 
 __all__ = ["ClientCredentialsTokenProvider", "StaticTokenProvider", "TokenProvider"]
 
@@ -91,6 +92,7 @@ class ClientCredentialsTokenProvider:
         "_clock",
         "_form",
         "_http",
+        "_instrumentation",
         "_lock",
         "_refresh_margin",
         "_timeout",
@@ -108,6 +110,7 @@ class ClientCredentialsTokenProvider:
         clock: Clock,
         refresh_margin: float = 60.0,
         timeout: float = 10.0,
+        instrumentation: Instrumentation | None = None,
     ) -> None:
         self._http = http
         self._token_url = token_url
@@ -120,6 +123,7 @@ class ClientCredentialsTokenProvider:
         self._clock = clock
         self._refresh_margin = refresh_margin
         self._timeout = timeout
+        self._instrumentation = instrumentation
         self._lock = asyncio.Lock()
         self._cached: _CachedToken | None = None
 
@@ -158,6 +162,7 @@ class ClientCredentialsTokenProvider:
                 clock=self._clock,
                 request_timeout=self._timeout,
                 form=self._form,
+                instrumentation=self._instrumentation,
             )
             classify_response(response, self._clock.now())
             body = parse_body(_TokenResponse, response)

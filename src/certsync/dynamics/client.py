@@ -1,84 +1,48 @@
-"""The portal's HTTP client for contract v1: which URL, headers and bytes, and what each answer means.
+"""The contract v1 adapter of the portal port (``docs/contract-v1.md``): which URL, headers and bytes.
 
 The transport is the seam: ``DynamicsClient`` takes an ``httpx.AsyncClient`` (tests give it respx, the demo
-the sandbox). Every answer is classified by one function, ``classify_response``, onto
-``certsync.dynamics.errors``::
-
-    2xx                           delivered
-    401                           AuthenticationError (after the client's one retry with a fresh token)
-    408, 429, 5xx                 TransientDynamicsError; 429 is RateLimitedError; 429/503 carry Retry-After
-    any other status (4xx, 3xx)   PermanentDynamicsError; ContractMismatchError when the body's
-                                  ``accepted_contract_versions`` does not include ours
-    timeouts, transport errors    TransientDynamicsError ("timeout: ReadTimeout", "transport: ConnectError")
+the sandbox). Every answer is classified by ``certsync.dynamics.http.classify_response``.
 
 The client makes exactly one attempt per call (plus the one 401 refresh): retries, back-off and the circuit
 breaker belong to ``HLFDynamicsSyncService``. Given a ``SendGate``, every portal exchange takes a permit
 from it first and hands back the budget the portal reported with the answer (``remaining_budget``), so
-that sends wait for the window to free instead of collecting 429s. Each HTTP exchange is logged once as
-``dynamics_request`` with method, path, status or error class and duration; never a token, secret or name.
+that sends wait for the window to free instead of collecting 429s.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from datetime import datetime
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from uuid import UUID
 
 import httpx
 import structlog
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field
 
-from certsync.dynamics.contract import CONTRACT_VERSION, CertificationUpsert
-from certsync.dynamics.errors import (
-    AuthenticationError,
-    ContractMismatchError,
-    PermanentDynamicsError,
-    RateLimitedError,
-    TransientDynamicsError,
-)
+from certsync.dynamics.auth import TokenProvider
+from certsync.dynamics.contract import CONTRACT_VERSION, CertificationStatusName, CertificationUpsert
+from certsync.dynamics.http import classify_response, paced, parse_body, send
+from certsync.dynamics.port import CertificationDelete, ContractCheck, DeliveryReceipt, PortalHolding
+from certsync.dynamics.signing import RequestSigner
 from certsync.resilience.clock import Clock, SystemClock
 from certsync.resilience.gate import SendGate
-from certsync.resilience.retry import parse_retry_after
-
-if TYPE_CHECKING:
-    # Only for annotations: auth imports this module's transport helpers at runtime.
-    from certsync.dynamics.auth import TokenProvider
-    from certsync.dynamics.signing import RequestSigner
+from certsync.resilience.instrumentation import Instrumentation
 
 __all__ = [
+    "CERTIFICATIONS_PATH",
     "CERTIFICATION_PATH",
     "CONTRACT_PATH",
     "PUBLIC_LISTING_PATH",
-    "DeliveryReceipt",
     "DynamicsClient",
-    "classify_response",
     "encode_body",
-    "paced",
-    "parse_body",
-    "remaining_budget",
-    "send",
 ]
 
 log = structlog.get_logger(__name__)
 
 CERTIFICATION_PATH = "/api/v1/certifications/{certification_id}"
+CERTIFICATIONS_PATH = "/api/v1/certifications"
 CONTRACT_PATH = "/api/v1/contract"
 PUBLIC_LISTING_PATH = "/api/v1/public-listing"
-BURST_REMAINING_HEADER = "x-ms-ratelimit-burst-remaining-xrm-requests"
-"""Dataverse: the requests left in the service-protection window, sent with every Web API answer."""
-
-_Body = TypeVar("_Body", bound=BaseModel)
-
-
-@dataclass(frozen=True, slots=True)
-class DeliveryReceipt:
-    """The portal accepted an upsert: its 2xx status and how long the whole call took on the clock."""
-
-    status: int
-    elapsed_seconds: float
 
 
 class _ContractVersions(BaseModel):
@@ -89,8 +53,16 @@ class _PublicListing(BaseModel):
     peer_mentor_ids: list[UUID]
 
 
-class _ContractRefusal(BaseModel):
-    accepted_contract_versions: list[int]
+class _Holding(BaseModel):
+    id: UUID
+    version: int = Field(ge=0)
+    status: CertificationStatusName
+    publicly_listed: bool
+
+
+class _HoldingsPage(BaseModel):
+    certifications: list[_Holding]
+    next: UUID | None
 
 
 class DynamicsClient:
@@ -106,6 +78,7 @@ class DynamicsClient:
         clock: Clock | None = None,
         timeout: float = 10.0,
         gate: SendGate | None = None,
+        instrumentation: Instrumentation | None = None,
     ) -> None:
         self._http = http
         self._base_url = base_url.rstrip("/")
@@ -114,18 +87,63 @@ class DynamicsClient:
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._timeout = timeout
         self._gate = gate
+        self._instrumentation = instrumentation
 
     async def upsert_certification(self, body: CertificationUpsert) -> DeliveryReceipt:
         """PUT one certification's state; raises a ``DynamicsError`` unless the portal answered 2xx."""
+        path = CERTIFICATION_PATH.format(certification_id=body.certification.id)
+        return await self._change("PUT", path, body.event_id, encode_body(body))
+
+    async def delete_certification(self, request: CertificationDelete) -> DeliveryReceipt:
+        """DELETE one certification (no body; signed over an empty one). 2xx or 404 is done."""
+        path = CERTIFICATION_PATH.format(certification_id=request.certification_id)
+        return await self._change("DELETE", path, request.event_id, b"", done_if_absent=True)
+
+    async def holdings(self, *, page_size: int = 500) -> AsyncIterator[PortalHolding]:
+        """``GET /api/v1/certifications?after=…&limit=…``, following ``next`` until it is null."""
+        after: UUID | None = None
+        while True:
+            query = f"?limit={page_size}" + (f"&after={after}" if after is not None else "")
+            page = parse_body(_HoldingsPage, await self._authorised("GET", CERTIFICATIONS_PATH + query))
+            for held in page.certifications:
+                yield PortalHolding(held.id, held.version, held.status, held.publicly_listed)
+            if page.next is None:
+                return
+            after = page.next
+
+    async def check_contract(self) -> ContractCheck:
+        """``GET /api/v1/contract``: is contract v1 among the versions the portal accepts?"""
+        accepted = await self.contract_versions()
+        listed = ", ".join(f"v{version}" for version in accepted) or "none"
+        if CONTRACT_VERSION in accepted:
+            return ContractCheck(
+                self._base_url, True, f"accepts contract v{CONTRACT_VERSION} (accepted: {listed})"
+            )
+        problem = (
+            f"accepts {listed}, but certsync sends v{CONTRACT_VERSION}: every delivery will be refused"
+            " and queued for investigation"
+        )
+        return ContractCheck(self._base_url, False, f"CONTRACT MISMATCH: {problem}", (problem,))
+
+    async def _change(
+        self, method: str, path: str, event_id: UUID, content: bytes, *, done_if_absent: bool = False
+    ) -> DeliveryReceipt:
         started = self._clock.now()
-        content = encode_body(body)
-        event_id = str(body.event_id)
-        headers = {"Content-Type": "application/json", "Idempotency-Key": event_id}
+        key = str(event_id)
+        headers = {"Idempotency-Key": key}
+        if content:
+            headers["Content-Type"] = "application/json"
         if self._signer is not None:
             # Signed once over the exact bytes sent: a retry after 401 resends the same signed message.
-            headers |= self._signer.headers(event_id, content, self._clock.now())
-        path = CERTIFICATION_PATH.format(certification_id=body.certification.id)
-        response = await self._authorised("PUT", path, headers=headers, content=content, event_id=event_id)
+            headers |= self._signer.headers(key, content, self._clock.now())
+        response = await self._authorised(
+            method,
+            path,
+            headers=headers,
+            content=content or None,
+            event_id=key,
+            done_if_absent=done_if_absent,
+        )
         elapsed = (self._clock.now() - started).total_seconds()
         return DeliveryReceipt(status=response.status_code, elapsed_seconds=elapsed)
 
@@ -147,8 +165,12 @@ class DynamicsClient:
         headers: Mapping[str, str] | None = None,
         content: bytes | None = None,
         event_id: str | None = None,
+        done_if_absent: bool = False,
     ) -> httpx.Response:
-        """One request with a bearer token; a 401 gets exactly one retry with a freshly fetched token."""
+        """One request with a bearer token; a 401 gets exactly one retry with a freshly fetched token.
+
+        ``done_if_absent``: a 404 is the outcome asked for (a delete of what the portal does not hold).
+        """
 
         async def attempt(token: str) -> httpx.Response:
             def exchange() -> Awaitable[httpx.Response]:
@@ -161,6 +183,7 @@ class DynamicsClient:
                     headers={**(headers or {}), "Authorization": f"Bearer {token}"},
                     content=content,
                     log_fields={"event_id": event_id} if event_id is not None else None,
+                    instrumentation=self._instrumentation,
                 )
 
             return await (exchange() if self._gate is None else paced(self._gate, exchange))
@@ -170,145 +193,11 @@ class DynamicsClient:
         if response.status_code == httpx.codes.UNAUTHORIZED:
             await self._tokens.invalidate(token)
             response = await attempt(await self._tokens.token())
-        classify_response(response, self._clock.now())
+        if not (done_if_absent and response.status_code == httpx.codes.NOT_FOUND):
+            classify_response(response, self._clock.now())
         return response
 
 
 def encode_body(body: CertificationUpsert) -> bytes:
     """The request body's bytes, serialised once: what is signed is exactly what is sent."""
     return json.dumps(body.to_json_dict(), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
-async def send(
-    http: httpx.AsyncClient,
-    method: str,
-    url: str,
-    *,
-    clock: Clock,
-    request_timeout: float,
-    headers: Mapping[str, str] | None = None,
-    content: bytes | None = None,
-    form: Mapping[str, str] | None = None,
-    log_fields: Mapping[str, object] | None = None,
-) -> httpx.Response:
-    """One HTTP exchange with the portal or its token endpoint: transport failures mapped, one log line.
-
-    Raises ``TransientDynamicsError`` for timeouts and transport errors; any response is returned
-    unclassified (the caller decides when to classify, e.g. after a 401 refresh).
-    """
-    path = httpx.URL(url).path
-    started = clock.now()
-    try:
-        response = await http.request(
-            method, url, headers=headers, content=content, data=form, timeout=request_timeout
-        )
-    except httpx.TransportError as exc:
-        error = transport_failure(exc)
-        log.warning(
-            "dynamics_request",
-            method=method,
-            path=path,
-            error=type(exc).__name__,
-            duration_ms=_milliseconds_since(started, clock),
-            **(log_fields or {}),
-        )
-        raise error from exc
-    emit = log.info if response.is_success else log.warning
-    emit(
-        "dynamics_request",
-        method=method,
-        path=path,
-        status=response.status_code,
-        duration_ms=_milliseconds_since(started, clock),
-        **(log_fields or {}),
-    )
-    return response
-
-
-def transport_failure(exc: httpx.TransportError) -> TransientDynamicsError:
-    """A request that got no response: always worth retrying; the reason names the httpx error class."""
-    kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "transport"
-    return TransientDynamicsError(f"{kind}: {type(exc).__name__}")
-
-
-def classify_response(response: httpx.Response, now: datetime) -> None:
-    """Return for 2xx; otherwise raise the mapped ``DynamicsError`` (see the module docstring's table)."""
-    status = response.status_code
-    if response.is_success:
-        return
-    reason = _describe(status)
-    if status == httpx.codes.UNAUTHORIZED:
-        raise AuthenticationError(reason, status=status)
-    if status == httpx.codes.TOO_MANY_REQUESTS:
-        retry_after = parse_retry_after(response.headers.get("Retry-After"), now)
-        raise RateLimitedError(reason, status=status, retry_after=retry_after)
-    if status == httpx.codes.REQUEST_TIMEOUT or status >= 500:
-        retry_after = (
-            parse_retry_after(response.headers.get("Retry-After"), now)
-            if status == httpx.codes.SERVICE_UNAVAILABLE
-            else None
-        )
-        raise TransientDynamicsError(reason, status=status, retry_after=retry_after)
-    accepted = _accepted_contract_versions(response)
-    if accepted is not None and CONTRACT_VERSION not in accepted:
-        listed = ", ".join(str(version) for version in accepted) or "none"
-        raise ContractMismatchError(
-            f"{reason}: contract v{CONTRACT_VERSION} not accepted (portal accepts {listed})", status=status
-        )
-    raise PermanentDynamicsError(reason, status=status)
-
-
-async def paced(gate: SendGate, exchange: Callable[[], Awaitable[httpx.Response]]) -> httpx.Response:
-    """One exchange under the gate's pacing: a permit first, then the answer's budget handed back."""
-    permit = await gate.acquire()
-    try:
-        response = await exchange()
-    except BaseException:
-        gate.release(permit)
-        raise
-    gate.release(
-        permit,
-        remaining=remaining_budget(response),
-        admitted=response.status_code != httpx.codes.TOO_MANY_REQUESTS,
-    )
-    return response
-
-
-def remaining_budget(response: httpx.Response) -> int | None:
-    """The requests the portal says are left in its window (``None``: not reported or unreadable).
-
-    Dataverse formats numbers with group separators on some answers (``1,200.00``), so those are read too.
-    """
-    value = response.headers.get(BURST_REMAINING_HEADER)
-    if value is None:
-        return None
-    try:
-        return max(0, int(float(value.strip().replace(",", ""))))
-    except (ValueError, OverflowError):
-        return None
-
-
-def parse_body(model: type[_Body], response: httpx.Response) -> _Body:
-    """A 2xx response's JSON body as ``model``; a body we cannot read is the portal's permanent fault."""
-    try:
-        return model.model_validate_json(response.content)
-    except ValidationError:
-        raise PermanentDynamicsError(
-            f"malformed response: HTTP {response.status_code} from {response.request.url.path}",
-            status=response.status_code,
-        ) from None
-
-
-def _accepted_contract_versions(response: httpx.Response) -> list[int] | None:
-    try:
-        return _ContractRefusal.model_validate_json(response.content).accepted_contract_versions
-    except ValidationError:
-        return None
-
-
-def _describe(status: int) -> str:
-    return f"HTTP {status} {httpx.codes.get_reason_phrase(status)}".rstrip()
-
-
-def _milliseconds_since(started: datetime, clock: Clock) -> float:
-    return round((clock.now() - started).total_seconds() * 1000, 1)

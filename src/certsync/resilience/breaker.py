@@ -28,6 +28,7 @@ from typing import Protocol
 import structlog
 
 from certsync.resilience.clock import Clock
+from certsync.resilience.instrumentation import CircuitTransitioned, Instrumentation
 
 __all__ = [
     "ALLOWED_CLOSED",
@@ -237,6 +238,10 @@ class BreakerStatus:
         return self.snapshot.state
 
     @property
+    def closed(self) -> bool:
+        return self.snapshot.state is CircuitState.CLOSED
+
+    @property
     def consecutive_failures(self) -> int:
         return self.snapshot.consecutive_failures
 
@@ -341,7 +346,16 @@ class DynamicsCircuitBreaker:
     restarted worker) resumes from the store. Every transition is logged as ``circuit_transition``.
     """
 
-    __slots__ = ("_clock", "_cooldown", "_now", "_probe_lease", "_store", "failure_threshold", "name")
+    __slots__ = (
+        "_clock",
+        "_cooldown",
+        "_instrumentation",
+        "_now",
+        "_probe_lease",
+        "_store",
+        "failure_threshold",
+        "name",
+    )
 
     def __init__(
         self,
@@ -352,6 +366,7 @@ class DynamicsCircuitBreaker:
         failure_threshold: int = 3,
         cooldown: float = 30.0,
         probe_lease: float = 30.0,
+        instrumentation: Instrumentation | None = None,
     ) -> None:
         """``probe_lease``: how long the probe's holder may take before another caller may probe.
 
@@ -369,6 +384,7 @@ class DynamicsCircuitBreaker:
         self._now: Now = clock.now  # bound once: the stores call it only when they need the time
         self._cooldown = timedelta(seconds=cooldown)
         self._probe_lease = timedelta(seconds=probe_lease)
+        self._instrumentation = instrumentation if instrumentation is not None else Instrumentation()
 
     @property
     def cooldown(self) -> timedelta:
@@ -427,6 +443,7 @@ class DynamicsCircuitBreaker:
 
     def _log(self, transition: Transition | None) -> Transition | None:
         if transition is not None:
+            self._instrumentation.emit(CircuitTransitioned(str(transition.old), str(transition.new)))
             level = log.warning if transition.new is CircuitState.OPEN else log.info
             level(
                 "circuit_transition",

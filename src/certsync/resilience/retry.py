@@ -26,6 +26,7 @@ from typing import TypeVar
 import structlog
 
 from certsync.resilience.clock import Sleep
+from certsync.resilience.instrumentation import Instrumentation, RetryScheduled
 
 __all__ = ["Attempt", "GaveUp", "RetryLater", "RetryLoop", "RetryPolicy", "parse_retry_after"]
 
@@ -128,11 +129,14 @@ class RetryLoop:
     warning) with the fields ``context()`` returns, which is only called when there is one to log.
     """
 
-    __slots__ = ("_sleep", "policy")
+    __slots__ = ("_instrumentation", "_sleep", "policy")
 
-    def __init__(self, policy: RetryPolicy, sleep: Sleep) -> None:
+    def __init__(
+        self, policy: RetryPolicy, sleep: Sleep, instrumentation: Instrumentation | None = None
+    ) -> None:
         self.policy = policy
         self._sleep = sleep
+        self._instrumentation = instrumentation if instrumentation is not None else Instrumentation()
 
     async def run(
         self, attempt: Attempt[T], *, context: Callable[[], Mapping[str, object]] | None = None
@@ -151,6 +155,7 @@ class RetryLoop:
                 why = f"{answer.reason}; Retry-After {answer.retry_after:.0f}s exceeds the {cap:.0f}s cap"
                 return GaveUp(retry_number, answer, why)
             log.info("retry_scheduled", retry=retry_number, delay=delay, after=answer.reason, **fields)
+            self._instrumentation.emit(RetryScheduled(retry_number, delay))
             await self._sleep(delay)
             answer = await attempt(retry_number + 1, answer)
             if not isinstance(answer, RetryLater):

@@ -4,15 +4,13 @@ delivery figures (``store/sql/console.sql``). Changes to the queue stay in ``Ret
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from certsync.resilience.breaker import BreakerStatus, DynamicsCircuitBreaker
 from certsync.store.db import fetch
-from certsync.store.outbox import Outbox, OutboxDepth
 from certsync.store.pool import Pool
-from certsync.store.retry_queue import RetryQueue
+from certsync.store.retry_queue import RetryEntrySummary, summary_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +61,8 @@ class ConsoleQueries:
         after: QueueCursor | None = None,
         limit: int = 50,
         actionable_only: bool = False,
-    ) -> list[dict[str, Any]]:
-        return await fetch(
+    ) -> list[RetryEntrySummary]:
+        rows = await fetch(
             self._pool,
             "console_retry_entries_page",
             {
@@ -74,6 +72,7 @@ class ConsoleQueries:
                 "limit": limit,
             },
         )
+        return [summary_of(row) for row in rows]
 
     async def count(self, filters: QueueFilters, *, actionable_only: bool = False) -> int:
         rows = await fetch(
@@ -87,50 +86,3 @@ class ConsoleQueries:
     async def delivery_figures(self, since: datetime) -> DeliveryFigures:
         [row] = await fetch(self._pool, "console_delivery_figures", {"since": since})
         return DeliveryFigures(int(row["delivered_since"]), row["last_delivered_at"])
-
-
-@dataclass(frozen=True, slots=True)
-class QueueCount:
-    entries: int
-    oldest_at: datetime | None
-
-
-@dataclass(frozen=True, slots=True)
-class SystemStatus:
-    """What every process reads the same from the database: the overview page and the metrics' gauges."""
-
-    read_at: datetime
-    breaker: BreakerStatus
-    outbox: OutboxDepth
-    queue: dict[str, QueueCount]
-    delivered_last_hour: int
-    last_delivered_at: datetime | None
-
-    def queue_count(self, status: str) -> QueueCount:
-        return self.queue.get(status, QueueCount(0, None))
-
-    @property
-    def oldest_outbox_age(self) -> timedelta | None:
-        oldest = self.outbox.oldest_open_at
-        return None if oldest is None else max(self.read_at - oldest, timedelta(0))
-
-    @property
-    def oldest_pending_age(self) -> timedelta | None:
-        oldest = self.queue_count("pending").oldest_at
-        return None if oldest is None else max(self.read_at - oldest, timedelta(0))
-
-
-async def read_system_status(pool: Pool, breaker: DynamicsCircuitBreaker, now: datetime) -> SystemStatus:
-    """Read the shared state at ``now`` (the breaker reads its own clock, which clamps a skewed one)."""
-    breaker_status = await breaker.status()
-    counts = await RetryQueue(pool).counts()
-    figures = await ConsoleQueries(pool).delivery_figures(now - timedelta(hours=1))
-    return SystemStatus(
-        read_at=now,
-        breaker=breaker_status,
-        # The depth query does not use the worker id; a reader claims nothing.
-        outbox=await Outbox(pool, worker_id="status-reader").depth(),
-        queue={status: QueueCount(entries, oldest) for status, (entries, oldest) in counts.items()},
-        delivered_last_hour=figures.delivered_since,
-        last_delivered_at=figures.last_delivered_at,
-    )

@@ -34,6 +34,43 @@ class NewRetryEntry:
     status: Literal["pending", "requires_investigation"]
 
 
+@dataclass(frozen=True, slots=True)
+class RetryEntrySummary:
+    """One retry-queue entry as lists show it."""
+
+    id: int
+    operation_type: str
+    certification_id: UUID | None
+    event_id: UUID | None
+    failure_reason: str
+    attempt_count: int
+    status: QueueStatus
+    replay_count: int
+    last_replayed_at: datetime | None
+    last_replayed_by: str | None
+    created_at: datetime
+    updated_at: datetime
+
+    @property
+    def actionable(self) -> bool:
+        """Replay and discard apply to it (it waits for a person)."""
+        return self.status in ("pending", "requires_investigation")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryEntry(RetryEntrySummary):
+    """One entry whole: what was (or would have been) sent, and every failure, replay and discard."""
+
+    payload_json: Any  # an object as written by certsync; a hand-edited row may hold any JSON
+    failure_history: list[dict[str, Any]]
+    discarded_reason: str | None
+    discarded_by: str | None
+
+
+def summary_of(row: dict[str, Any]) -> RetryEntrySummary:
+    return RetryEntrySummary(**row)
+
+
 async def insert_entry(conn: AsyncConnection[Any], entry: NewRetryEntry, now: datetime) -> int:
     """Insert on a caller's connection (so it can share the caller's transaction)."""
     cur = await conn.execute(
@@ -64,11 +101,11 @@ class RetryQueue:
         async with transaction(self._pool, "writing the retry queue") as conn:
             return await insert_entry(conn, entry, now)
 
-    async def get(self, entry_id: int) -> dict[str, Any]:
+    async def get(self, entry_id: int) -> RetryEntry:
         rows = await fetch(self._pool, "get_retry_entry", {"id": entry_id})
         if not rows:
             raise NotFound(f"no retry queue entry with id {entry_id}")
-        return rows[0]
+        return RetryEntry(**rows[0])
 
     async def list_entries(
         self,
@@ -78,8 +115,8 @@ class RetryQueue:
         certification_id: UUID | None = None,
         before_id: int | None = None,
         limit: int = 50,
-    ) -> list[dict[str, Any]]:
-        return await fetch(
+    ) -> list[RetryEntrySummary]:
+        rows = await fetch(
             self._pool,
             "list_retry_entries",
             {
@@ -90,6 +127,7 @@ class RetryQueue:
                 "limit": limit,
             },
         )
+        return [summary_of(row) for row in rows]
 
     async def iterate(
         self,
@@ -98,7 +136,7 @@ class RetryQueue:
         operation_type: str | None = None,
         certification_id: UUID | None = None,
         page_size: int = 500,
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncIterator[RetryEntrySummary]:
         """Every matching entry, newest first, a page at a time (keyset paging: bounded memory)."""
         before: int | None = None
         while True:
@@ -113,7 +151,7 @@ class RetryQueue:
                 yield row
             if len(page) < page_size:
                 return
-            before = int(page[-1]["id"])
+            before = page[-1].id
 
     async def record_replay_outcome(
         self,
@@ -144,7 +182,7 @@ class RetryQueue:
 
     async def discard(self, entry_id: int, *, reason: str, by: str, now: datetime) -> bool:
         """Mark discarded (kept, with the reason). False when it was already replayed or discarded."""
-        await self.get(entry_id)
+        await self.get(entry_id)  # NotFound for an id that names nothing
         rows = await fetch(
             self._pool, "discard_retry_entry", {"id": entry_id, "reason": reason, "by": by, "now": now}
         )

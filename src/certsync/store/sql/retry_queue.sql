@@ -13,7 +13,10 @@ values
 returning id;
 
 -- name: get_retry_entry
-select * from public.dynamics_sync_retry_queue where id = %(id)s;
+select id, operation_type, certification_id, event_id, failure_reason, attempt_count, status,
+       replay_count, last_replayed_at, last_replayed_by, created_at, updated_at,
+       payload_json, failure_history, discarded_reason, discarded_by
+from public.dynamics_sync_retry_queue where id = %(id)s;
 
 -- name: lock_retry_entry
 select * from public.dynamics_sync_retry_queue where id = %(id)s for update;
@@ -21,7 +24,7 @@ select * from public.dynamics_sync_retry_queue where id = %(id)s for update;
 -- name: list_retry_entries
 -- Newest first; every filter optional (null = any).
 select id, operation_type, certification_id, event_id, failure_reason, attempt_count, status,
-       replay_count, created_at, updated_at
+       replay_count, last_replayed_at, last_replayed_by, created_at, updated_at
 from public.dynamics_sync_retry_queue
 where (%(status)s::text is null or status = %(status)s)
   and (%(operation_type)s::text is null or operation_type = %(operation_type)s)

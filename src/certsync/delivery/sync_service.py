@@ -20,12 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from functools import partial
 from typing import Literal, Protocol
 from uuid import UUID
 
 import structlog
 
-from certsync.dynamics.client import DeliveryReceipt
 from certsync.dynamics.contract import CertificationUpsert
 from certsync.dynamics.errors import (
     AuthenticationError,
@@ -34,18 +34,14 @@ from certsync.dynamics.errors import (
     RateLimitedError,
     TransientDynamicsError,
 )
+from certsync.dynamics.port import Portal
 from certsync.resilience.breaker import CircuitOpenError, CircuitState, DynamicsCircuitBreaker
 from certsync.resilience.clock import Clock, Sleep
 from certsync.resilience.gate import SendGate
+from certsync.resilience.instrumentation import AttemptFailed, DeliveryFinished, Instrumentation
 from certsync.resilience.retry import GaveUp, RetryLater, RetryLoop, RetryPolicy
 
 log = structlog.get_logger(__name__)
-
-
-class PortalClient(Protocol):
-    """What the service needs of the portal (``DynamicsClient`` in production)."""
-
-    async def upsert_certification(self, body: CertificationUpsert) -> DeliveryReceipt: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,12 +77,31 @@ class DeliveryOutcome:
     reason: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Operation:
+    """One ``deliver`` call's inputs, handed to each step instead of seven arguments."""
+
+    request: CertificationUpsert
+    operation_type: str
+    sink: FailureSink
+    when_open: Literal["hold", "queue"]
+
+    def log_fields(self) -> dict[str, object]:
+        """What every log line about this delivery carries, built only when there is a line to write."""
+        return {
+            "operation": self.operation_type,
+            "event_id": str(self.request.event_id),
+            "certification_id": str(self.request.certification.id),
+            "version": self.request.certification.version,
+        }
+
+
 class HLFDynamicsSyncService:
-    """RetryPolicy × DynamicsCircuitBreaker around the portal client; failures go to a FailureSink."""
+    """RetryPolicy × DynamicsCircuitBreaker around the portal; failures go to a FailureSink."""
 
     def __init__(
         self,
-        client: PortalClient,
+        portal: Portal,
         retry_policy: RetryPolicy,
         breaker: DynamicsCircuitBreaker,
         failures: FailureSink,
@@ -94,18 +109,23 @@ class HLFDynamicsSyncService:
         clock: Clock,
         sleep: Sleep,
         gate: SendGate | None = None,
+        instrumentation: Instrumentation | None = None,
     ) -> None:
-        self._client = client
+        self._portal = portal
         self._policy = retry_policy
         self._breaker = breaker
         self._failures = failures
         self._clock = clock
         self._sleep = sleep
-        self._retries = RetryLoop(retry_policy, sleep)
+        self._instrumentation = instrumentation if instrumentation is not None else Instrumentation()
+        self._retries = RetryLoop(retry_policy, sleep, self._instrumentation)
         self._gate = gate if gate is not None else SendGate(clock, sleep)
-        # Outcomes are values: one per attempt count, built once instead of on every delivery.
+        # Outcomes and their events are values: one per attempt count, built once, not per delivery.
         self._delivered = tuple(
             DeliveryOutcome(Outcome.DELIVERED, n) for n in range(retry_policy.max_attempts + 1)
+        )
+        self._delivered_events = tuple(
+            DeliveryFinished("delivered", n) for n in range(retry_policy.max_attempts + 1)
         )
 
     @property
@@ -128,105 +148,88 @@ class HLFDynamicsSyncService:
         A success is not logged here: the client's ``dynamics_request`` line records the exchange (and
         ``certsync.metrics`` counts deliveries from it). Every failed attempt, retry and refusal is.
         """
-        failures = sink if sink is not None else self._failures
-
-        def fields() -> dict[str, object]:
-            return _log_fields(request, operation_type)
-
-        async def attempt(number: int, last: RetryLater | None) -> DeliveryOutcome | RetryLater:
-            await self._gate.wait()
-            try:
-                await self._breaker.before_call()
-            except CircuitOpenError as exc:
-                return await self._refused(
-                    exc,
-                    made=number - 1,
-                    last=last,
-                    when_open=when_open,
-                    failures=failures,
-                    request=request,
-                    operation_type=operation_type,
-                )
-            started = self._clock.now()
-            try:
-                await self._client.upsert_certification(request)
-            except PermanentDynamicsError as exc:
-                # The portal answered, so it is healthy: a refusal of this request is not an outage.
-                await self._breaker.record_success()
-                self._log_failed_attempt(fields(), number, started, exc)
-                return await self._record(
-                    failures,
-                    request,
-                    operation_type,
-                    reason=exc.reason,
-                    attempts=number,
-                    status="requires_investigation",
-                )
-            except RateLimitedError as exc:
-                # A 429 is the portal healthy and asking us to slow down: everything pauses for its
-                # Retry-After (SendGate); it is not an outage, so it does not count toward opening the
-                # circuit (three 429s would otherwise stop all delivery for a whole cool-down).
-                self._log_failed_attempt(fields(), number, started, exc)
-                self._gate.pause_for(exc.retry_after or self._policy.base_delay, reason=exc.reason)
-                return RetryLater(exc.reason, exc.retry_after)
-            except (TransientDynamicsError, AuthenticationError) as exc:
-                transition = await self._breaker.record_failure(exc.reason)
-                self._log_failed_attempt(fields(), number, started, exc)
-                if transition is not None and transition.new is CircuitState.OPEN:
-                    # This failure opened the circuit: no retry can go before the cool-down ends.
-                    why = f"circuit opened after {number} attempt(s); last: {exc.reason}"
-                    return await self._record(failures, request, operation_type, reason=why, attempts=number)
-                retry_after = exc.retry_after if isinstance(exc, TransientDynamicsError) else None
-                return RetryLater(exc.reason, retry_after)
-            await self._breaker.record_success()
-            return self._delivered[number]
-
-        result = await self._retries.run(attempt, context=fields)
+        operation = _Operation(request, operation_type, sink or self._failures, when_open)
+        result = await self._retries.run(partial(self._attempt, operation), context=operation.log_fields)
         if isinstance(result, GaveUp):
-            return await self._record(
-                failures, request, operation_type, reason=result.reason, attempts=result.attempts
-            )
+            return await self._record(operation, result.reason, result.attempts)
         return result
 
-    async def _refused(
+    async def _attempt(
+        self, operation: _Operation, number: int, last: RetryLater | None
+    ) -> DeliveryOutcome | RetryLater:
+        """Attempt ``number``: a result ends the loop; ``RetryLater`` asks the loop for another."""
+        await self._gate.wait()
+        try:
+            await self._breaker.before_call()
+        except CircuitOpenError as exc:
+            return await self._refused_by_circuit(operation, exc, made=number - 1, last=last)
+        started = self._clock.now()
+        try:
+            await self._portal.upsert_certification(operation.request)
+        except PermanentDynamicsError as exc:
+            # The portal answered, so it is healthy: a refusal of this request is not an outage.
+            await self._breaker.record_success()
+            self._log_failed_attempt(operation, number, started, exc)
+            return await self._record(operation, exc.reason, number, "requires_investigation")
+        except RateLimitedError as exc:
+            # A 429 is the portal healthy and asking us to slow down: everything pauses for its
+            # Retry-After (SendGate); it is not an outage, so it does not count toward opening the
+            # circuit (three 429s would otherwise stop all delivery for a whole cool-down).
+            self._log_failed_attempt(operation, number, started, exc)
+            self._gate.pause_for(exc.retry_after or self._policy.base_delay, reason=exc.reason)
+            return RetryLater(exc.reason, exc.retry_after)
+        except (TransientDynamicsError, AuthenticationError) as exc:
+            return await self._failed(operation, number, started, exc)
+        await self._breaker.record_success()
+        self._instrumentation.emit(self._delivered_events[number])
+        return self._delivered[number]
+
+    async def _failed(
         self,
-        exc: CircuitOpenError,
-        *,
-        made: int,
-        last: RetryLater | None,
-        when_open: Literal["hold", "queue"],
-        failures: FailureSink,
-        request: CertificationUpsert,
-        operation_type: str,
+        operation: _Operation,
+        number: int,
+        started: datetime,
+        exc: TransientDynamicsError | AuthenticationError,
+    ) -> DeliveryOutcome | RetryLater:
+        """A call that failed: it counts toward the circuit; retry, unless this failure opened it."""
+        transition = await self._breaker.record_failure(exc.reason)
+        self._log_failed_attempt(operation, number, started, exc)
+        if transition is not None and transition.new is CircuitState.OPEN:
+            # This failure opened the circuit: no retry can go before the cool-down ends.
+            why = f"circuit opened after {number} attempt(s); last: {exc.reason}"
+            return await self._record(operation, why, number)
+        retry_after = exc.retry_after if isinstance(exc, TransientDynamicsError) else None
+        return RetryLater(exc.reason, retry_after)
+
+    async def _refused_by_circuit(
+        self, operation: _Operation, exc: CircuitOpenError, *, made: int, last: RetryLater | None
     ) -> DeliveryOutcome:
         """The circuit refused attempt ``made + 1``: hold the operation, or record why it was not sent."""
         log.info(
             "circuit_open_call_refused",
             attempts=made,
             retry_at=exc.retry_at.isoformat(),
-            **_log_fields(request, operation_type),
+            **operation.log_fields(),
         )
         if last is None:
-            if when_open == "hold":
+            if operation.when_open == "hold":
                 return _HELD
             why = "circuit open: not attempted"
         else:
             why = f"circuit opened after {made} attempt(s); last: {last.reason}"
-        return await self._record(failures, request, operation_type, reason=why, attempts=made)
+        return await self._record(operation, why, made)
 
     async def _record(
         self,
-        sink: FailureSink,
-        request: CertificationUpsert,
-        operation_type: str,
-        *,
+        operation: _Operation,
         reason: str,
         attempts: int,
         status: Literal["pending", "requires_investigation"] = "pending",
     ) -> DeliveryOutcome:
-        await sink.record(
+        request = operation.request
+        await operation.sink.record(
             DeliveryFailure(
-                operation_type=operation_type,
+                operation_type=operation.operation_type,
                 certification_id=request.certification.id,
                 event_id=request.event_id,
                 payload=request.to_json_dict(),
@@ -235,9 +238,10 @@ class HLFDynamicsSyncService:
                 status=status,
             )
         )
+        self._instrumentation.emit(DeliveryFinished(status, attempts))
         log.warning(
             "delivery_queued",
-            operation=operation_type,
+            operation=operation.operation_type,
             event_id=str(request.event_id),
             certification_id=str(request.certification.id),
             queue_status=status,
@@ -247,9 +251,10 @@ class HLFDynamicsSyncService:
         return DeliveryOutcome(Outcome.QUEUED, attempts, queue_status=status, reason=reason)
 
     def _log_failed_attempt(
-        self, fields: dict[str, object], attempt: int, started: datetime, error: DynamicsError
+        self, operation: _Operation, attempt: int, started: datetime, error: DynamicsError
     ) -> None:
         duration_ms = round((self._clock.now() - started).total_seconds() * 1000, 1)
+        self._instrumentation.emit(AttemptFailed(type(error).__name__))
         log.warning(
             "dynamics_attempt",
             attempt=attempt,
@@ -257,18 +262,8 @@ class HLFDynamicsSyncService:
             status=error.status,
             reason=error.reason,
             duration_ms=duration_ms,
-            **fields,
+            **operation.log_fields(),
         )
 
 
 _HELD = DeliveryOutcome(Outcome.HELD, 0, reason="circuit open")
-
-
-def _log_fields(request: CertificationUpsert, operation_type: str) -> dict[str, object]:
-    """What every log line about one delivery carries, built only when there is a line to write."""
-    return {
-        "operation": operation_type,
-        "event_id": str(request.event_id),
-        "certification_id": str(request.certification.id),
-        "version": request.certification.version,
-    }

@@ -14,10 +14,10 @@ from typing import Literal
 from zoneinfo import ZoneInfo
 
 import structlog
-from pydantic import ValidationError
 
-from certsync.dynamics.contract import CertificationState, CertificationUpsert
-from certsync.dynamics.sync_service import DeliveryFailure, HLFDynamicsSyncService, Outcome
+from certsync.delivery.requests import UndeliverableState, upsert_for
+from certsync.delivery.sinks import ReplaySink
+from certsync.delivery.sync_service import HLFDynamicsSyncService, Outcome
 from certsync.resilience.clock import Clock
 from certsync.store.retry_queue import RetryQueue
 
@@ -51,27 +51,6 @@ class ReplaySummary:
         return self.results.get("pending", 0) + self.results.get("requires_investigation", 0)
 
 
-class _ReplaySink:
-    """A failed replay updates its own entry (status, reason, attempts, history) instead of adding one."""
-
-    def __init__(self, queue: RetryQueue, entry_id: int, by: str, clock: Clock) -> None:
-        self._queue = queue
-        self._entry_id = entry_id
-        self._by = by
-        self._clock = clock
-
-    async def record(self, failure: DeliveryFailure) -> None:
-        await self._queue.record_replay_outcome(
-            self._entry_id,
-            status=failure.status,
-            failure_reason=failure.failure_reason,
-            attempts=failure.attempt_count,
-            by=self._by,
-            now=self._clock.now(),
-            payload_json=dict(failure.payload),
-        )
-
-
 class ReplayService:
     def __init__(
         self, queue: RetryQueue, service: HLFDynamicsSyncService, clock: Clock, zone: ZoneInfo
@@ -84,25 +63,22 @@ class ReplayService:
     async def replay(self, entry_id: int, *, by: str) -> ReplayResult:
         """Replay one entry (NotFound if there is none). Replayed or discarded entries are skipped."""
         entry = await self._queue.get(entry_id)
-        if entry["status"] not in ("pending", "requires_investigation"):
-            return ReplayResult(entry_id, "skipped", 0, f"already {entry['status']}")
-        certification_id = entry["certification_id"]
+        if not entry.actionable:
+            return ReplayResult(entry_id, "skipped", 0, f"already {entry.status}")
+        certification_id = entry.certification_id
         state = await self._queue.current_state(certification_id) if certification_id else None
         if state is None:
             return await self._unreplayable(entry_id, by, "the certification no longer exists")
+        now = self._clock.now()
         try:
-            request = CertificationUpsert.for_state(
-                uuid.uuid4(),  # a new request: what it carries may differ from the failed one
-                self._clock.now(),
-                CertificationState.model_validate(state),
-                self._clock.now().astimezone(self._zone).date(),
-            )
-        except ValidationError as exc:
-            return await self._unreplayable(entry_id, by, f"state does not fit contract v1: {exc}")
+            # A new request: what it carries may differ from the failed one.
+            request = upsert_for(uuid.uuid4(), now, state, now.astimezone(self._zone).date())
+        except UndeliverableState as exc:
+            return await self._unreplayable(entry_id, by, str(exc))
         outcome = await self._service.deliver(
             request,
-            operation_type=entry["operation_type"],
-            sink=_ReplaySink(self._queue, entry_id, by, self._clock),
+            operation_type=entry.operation_type,
+            sink=ReplaySink(self._queue, entry_id, by, self._clock),
             when_open="queue",
         )
         if outcome.outcome is Outcome.DELIVERED:
@@ -141,7 +117,7 @@ class ReplayService:
                 )
                 log.warning("replay_stopped_circuit_open", retry_at=retry_at.isoformat())
                 break
-            result = await self.replay(int(row["id"]), by=by)
+            result = await self.replay(row.id, by=by)
             check_circuit = result.status != "replayed"
             summary.add(result)
             if on_result is not None:
