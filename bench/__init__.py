@@ -20,6 +20,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
+from tests.support.databases import admin_url as default_admin_url
+from tests.support.databases import create_database, create_migrated_template, drop_database, unique_name
+from tests.support.runtime import portal_settings
+
 from certsync.sandbox.faults import FaultScript
 from certsync.settings import Settings
 
@@ -36,16 +41,12 @@ class Options:
     def admin_url(self) -> str:
         if self.database_url:
             return self.database_url
-        from tests.support.databases import admin_url
-
-        return admin_url()
+        return default_admin_url()
 
 
 @contextmanager
 def fresh_database(options: Options, prefix: str = "certsync_bench") -> Iterator[str]:
     """A new database with every migration applied, dropped afterwards; yields its connection string."""
-    from tests.support.databases import create_database, create_migrated_template, drop_database, unique_name
-
     admin = options.admin_url()
     template = create_migrated_template(admin)
     name = unique_name(prefix)
@@ -58,8 +59,6 @@ def fresh_database(options: Options, prefix: str = "certsync_bench") -> Iterator
 
 def certsync_settings(database_url: str, portal: str, **overrides: Any) -> Settings:
     """Settings as a deployment against ``portal`` would have them (JSON logs, static sandbox token)."""
-    from tests.support.runtime import portal_settings
-
     return portal_settings(database_url, portal, **overrides)
 
 
@@ -112,8 +111,6 @@ def sandbox_process(faults: FaultScript | None = None) -> Iterator[str]:
 
 
 def _wait_until_serving(url: str, timeout: float = 15.0) -> None:
-    import httpx
-
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -127,8 +124,6 @@ def _wait_until_serving(url: str, timeout: float = 15.0) -> None:
 
 def sandbox_requests(url: str) -> list[dict[str, Any]]:
     """The sandbox's request log (admin API), oldest first."""
-    import httpx
-
     return list(httpx.get(f"{url}/_sandbox/requests", timeout=30.0).json()["requests"])
 
 

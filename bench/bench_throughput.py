@@ -157,8 +157,14 @@ def procrastinate_tenacity(
     database_url: str, portal: str, events: list[dict[str, Any]]
 ) -> tuple[Callable[[], Awaitable[None]], Callable[[asyncio.Event], Awaitable[None]]]:
     """(defer every job, run the worker): only the second is timed."""
-    import procrastinate
-    from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+    # The peers are installed by `make bench` only (the bench dependency group).
+    import procrastinate  # noqa: PLC0415
+    from tenacity import (  # noqa: PLC0415
+        AsyncRetrying,
+        retry_if_exception_type,
+        stop_after_attempt,
+        wait_exponential,
+    )
 
     app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=database_url, max_size=10))
     shared: dict[str, httpx.AsyncClient] = {}

@@ -299,7 +299,7 @@ class PrivateServer:
         return str(self.server.get_postmaster_info().socket_dir)
 
     def _pg_ctl(self, *args: str) -> None:
-        import pgserver
+        import pgserver  # noqa: PLC0415  (only the fault suite starts a private server)
 
         pgserver.pg_ctl(list(args), pgdata=self.server.pgdata, user=self.server.system_user, timeout=30)
 
@@ -322,7 +322,7 @@ class PrivateServer:
         is refused the directory. Hence what ``pg_ctl -m fast stop`` does, from this process: SIGINT to the
         postmaster named in postmaster.pid, then wait for it to exit.
         """
-        import psutil
+        import psutil  # noqa: PLC0415  (only the fault suite watches processes)
 
         pid_file = self.server.pgdata / "postmaster.pid"
         if pid_file.exists():
@@ -344,7 +344,7 @@ class PrivateServer:
 def private_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateServer]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR unset on CI
-        import pgserver
+        import pgserver  # noqa: PLC0415  (only the fault suite starts a private server)
 
         server = pgserver.get_server(tmp_path_factory.mktemp("pg") / "data", cleanup_mode="delete")
     private = PrivateServer(server, str(server.get_uri()))

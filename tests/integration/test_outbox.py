@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from certsync.store.outbox import NOTIFY_CHANNEL, Outbox
-from certsync.store.pool import Pool
+from certsync.store.pool import Pool, open_pool
 from certsync.store.retry_queue import NewRetryEntry
 from tests.support.seed import seed_certifications
 
@@ -122,8 +122,6 @@ async def test_concurrent_claimers_never_take_the_same_certification(pool: Pool,
         await conn.execute(
             "update public.certifications set status = 'suspended' where id = any(%s)", (certs,)
         )
-    from certsync.store.pool import open_pool
-
     pools = [await open_pool(database_url, max_size=2) for _ in range(4)]
     try:
         outboxes = [Outbox(p, f"worker-{i}") for i, p in enumerate(pools)]

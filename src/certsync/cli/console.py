@@ -18,7 +18,8 @@ def console(
 ) -> None:
     """Run the operator web console and its JSON API (/api/docs) and /metrics."""
     settings = load_settings()
-    from certsync.console import ConsoleConfigurationError, create_console_app
+    # Imported when the command runs: FastAPI and Jinja would slow every other command's start.
+    from certsync.console import ConsoleConfigurationError, create_console_app  # noqa: PLC0415
 
     try:
         web = create_console_app(lambda: composition.open_runtime(settings), settings)

@@ -27,7 +27,7 @@ def embedded_database_url(data_dir: Path | None = None) -> str:
     with warnings.catch_warnings():
         # platformdirs warns about XDG_RUNTIME_DIR on servers without a login session; harmless here.
         warnings.simplefilter("ignore")
-        import pgserver  # imported here: it is heavy and only needed without CERTSYNC_DATABASE_URL
+        import pgserver  # noqa: PLC0415  (heavy, and needed only without CERTSYNC_DATABASE_URL)
 
     path = data_dir or default_data_dir()
     path.mkdir(parents=True, exist_ok=True)
