@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 import typer
 
+import certsync.resilience as resilience
+from certsync.app import portal_from
 from certsync.cli._common import run
 from certsync.domain.certification import InvalidRenewalEntry
 from certsync.dynamics.errors import ContractMismatchError, TransientDynamicsError
 from certsync.errors import BadInput, CertsyncError, ConfigurationError, NotFound
+from certsync.resilience.testing import ManualClock
+from certsync.settings import Settings
 from certsync.store.errors import DatabaseUnavailable, MigrationError, SchemaMissing
 
 TABLE = [
@@ -50,3 +55,21 @@ def test_a_portal_error_reads_as_the_portals_to_an_operator() -> None:
         TransientDynamicsError("timeout: ReadTimeout").for_operator()
         == "Dynamics portal: timeout: ReadTimeout"
     )
+
+
+async def test_the_dataverse_wire_is_refused_as_configuration_until_it_is_built() -> None:
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        dynamics_base_url="https://hlf.crm4.dynamics.com",
+        dynamics_token="t",
+        dynamics_api="dataverse",
+    )
+    async with httpx.AsyncClient() as http:
+        with pytest.raises(ConfigurationError, match="CERTSYNC_DYNAMICS_API=dataverse"):
+            portal_from(settings, http, ManualClock())
+
+
+def test_resilience_exports_the_seeds_names() -> None:
+    for name in ("RetryPolicy", "DynamicsCircuitBreaker", "CircuitState", "SendGate", "ManualClock"):
+        assert name in resilience.__all__
+        assert getattr(resilience, name).__module__.startswith("certsync.resilience.")

@@ -1,41 +1,11 @@
 """The one gate every request to the portal passes: a shared pause after a 429, and pacing before one.
 
-Dataverse's service-protection limits apply per user across all requests, so the gate is shared by
-every concurrent sender of this process. It does two things:
+* **pause** (``pause_for`` / ``wait``): a 429's Retry-After holds every sender of this process.
+* **pace** (``acquire`` / ``release``, around each HTTP exchange): sends wait while the window's budget
+  the portal reports (``x-ms-ratelimit-burst-remaining-xrm-requests``), or a configured limit, is spent.
 
-* **pause** (``pause_for`` / ``wait``): a 429's Retry-After holds every sender, not just the one told.
-* **pace** (``acquire`` / ``release``, called by ``DynamicsClient`` around each HTTP exchange): the
-  portal reports on every answer how many requests its sliding window has left
-  (``x-ms-ratelimit-burst-remaining-xrm-requests``). The gate counts the requests sent since that
-  answer and the ones of its own that have since left the window, and when nothing is left, new
-  sends wait until the oldest request leaves the window instead of being fired and refused. An
-  optional configured limit (``max_requests_per_window``) does the same for a portal that reports
-  nothing. The 429 backstop stays: a budget the gate could not see (another process, another server)
-  still ends in a 429 and a pause. Microsoft documents the header as "for debugging" because it is
-  per web server: it is only meaningful while requests keep reaching the same server, which the
-  httpx client's cookie jar does by keeping Dataverse's affinity cookie.
-
-Accounting, exact for one process against one server::
-
-    available = reported − sent since the reporting request + own requests aged out of the window
-                                                              since the report
-
-Every request is logged with when it was sent and when its answer arrived (a 429 is not logged: it
-took no slot). A slot is taken to free ``window_seconds`` after the answer, never before the portal
-frees it; and a request counts as aging out of a report only if it was sent less than a window before
-that report arrived, so it surely was in the window the portal counted. One sent less than a window
-before the reporting request was sent, but not less than a window before its answer, may or may not
-have been counted (it depends on when each reached the portal): when it ages out and the budget is
-spent, one request goes alone to find out, and its answer brings a fresh budget. When the budget is spent,
-nothing is in flight and no own request will leave the window, one request is let through as a probe:
-its answer (a budget, or a 429 with Retry-After) is the only way to learn more.
-
-Concurrent requests may reach the portal in another order than they were sent, so "sent since the
-reporting request" counts every request in flight when the report arrives (one sent earlier may have
-been overtaken and not be in it). Such a request is taken back off when its own answer shows the
-portal counted it before the report: it was refused, or it reports more left than the report did.
-(Two slots freeing between the two admissions could make that wrong by one: a rare 429, which the
-pause handles.) Time is injected.
+Why it counts the way it does (sliding windows, overtaken requests, the lone probe) is in
+``docs/architecture.md`` § "The send gate". Time is injected.
 """
 
 from __future__ import annotations
