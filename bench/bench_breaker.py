@@ -97,7 +97,7 @@ def run(options: Options) -> Report:
     for name, (kind, factory) in CONTENDERS.items():
         bodies[name] = factory()  # type: ignore[assignment]
         kinds[name] = kind
-    samples = interleaved(bodies, rounds=rounds, calls=calls)  # type: ignore[arg-type]
+    samples = interleaved(bodies, rounds=rounds, calls=calls)
     baseline = {"async": best(samples["bare await noop()"]), "sync": best(samples["bare noop() (sync)"])}
     overhead = {name: best(samples[name]) - baseline[kinds[name]] for name in CONTENDERS}
     ours = overhead["certsync DynamicsCircuitBreaker + InMemoryBreakerStore"]

@@ -16,6 +16,7 @@ import asyncio
 import math
 import os
 import time
+from typing import cast
 
 from bench import Options, certsync_settings, fresh_database, sandbox_process, sandbox_requests
 from bench._report import Report
@@ -37,7 +38,7 @@ async def runtime_depth(runtime: Runtime) -> int:
             " where status in ('waiting', 'in_flight')"
         )
         row = await cur.fetchone()
-        return int(row["n"]) if row else 0
+        return cast(int, row["n"]) if row else 0
 
 
 def ideal_seconds(count: int) -> float:

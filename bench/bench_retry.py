@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
 from time import perf_counter
 
@@ -24,7 +25,7 @@ from bench import Options, best, calls_of, interleaved, median, micro, ratio
 from bench._report import Report
 from certsync.delivery.sync_service import DeliveryFailure, HLFDynamicsSyncService
 from certsync.dynamics.contract import CertificationState, CertificationUpsert
-from certsync.dynamics.port import DeliveryReceipt
+from certsync.dynamics.port import CertificationDelete, ContractCheck, DeliveryReceipt, PortalHolding
 from certsync.logs import configure_logging
 from certsync.resilience.breaker import DynamicsCircuitBreaker, InMemoryBreakerStore
 from certsync.resilience.clock import SystemClock, real_sleep
@@ -46,6 +47,16 @@ class NoopPortal:
 
     async def upsert_certification(self, body: CertificationUpsert) -> DeliveryReceipt:
         return self._receipt
+
+    async def delete_certification(self, request: CertificationDelete) -> DeliveryReceipt:
+        return self._receipt
+
+    async def holdings(self, *, page_size: int = 500) -> AsyncIterator[PortalHolding]:
+        return
+        yield
+
+    async def check_contract(self) -> ContractCheck:
+        return ContractCheck("noop", True, "accepts everything")
 
 
 class NoFailures:
@@ -101,7 +112,8 @@ def certsync_loop_body() -> object:
 
     async def attempt(number: int, last: RetryLater | None) -> RetryLater | None:
         try:
-            return await noop()
+            await noop()
+            return None
         except Exception as exc:
             return RetryLater(repr(exc))
 

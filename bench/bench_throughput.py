@@ -104,7 +104,7 @@ async def timed(name: str, portal: str, work: Callable[[asyncio.Event], Awaitabl
     stop = asyncio.Event()
     cpu_started = time.process_time()
     started = time.perf_counter()
-    task = asyncio.create_task(work(stop))
+    task = asyncio.ensure_future(work(stop))
     done, _ = await asyncio.wait([task], timeout=TIME_LIMIT)
     finished = bool(done)
     if not finished:

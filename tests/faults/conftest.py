@@ -26,8 +26,10 @@ import uuid
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+from uuid import UUID
 
 import httpx
 import psycopg
@@ -145,7 +147,7 @@ async def seed_mentors(pool: Pool, mentors: int, certifications_each: int = 1) -
             """,
             {"mentors": mentors, "each": certifications_each},
         )
-        return [r["id"] for r in await cur.fetchall()]
+        return [cast(UUID, r["id"]) for r in await cur.fetchall()]
 
 
 # Nothing lost ----------------------------------------------------------------------------------------
@@ -175,9 +177,9 @@ async def database_states(pool: Pool) -> dict[str, dict[str, Any]]:
                 "peer_mentor_id": str(r["peer_mentor_id"]),
                 "certification_type": r["certification_type"],
                 "status": r["status"],
-                "valid_from": r["valid_from"].isoformat(),
-                "valid_until": r["valid_until"].isoformat(),
-                "version": int(r["version"]),
+                "valid_from": cast(date, r["valid_from"]).isoformat(),
+                "valid_until": cast(date, r["valid_until"]).isoformat(),
+                "version": cast(int, r["version"]),
             }
             for r in await cur.fetchall()
         }
@@ -301,7 +303,9 @@ class PrivateServer:
     def _pg_ctl(self, *args: str) -> None:
         import pgserver  # noqa: PLC0415  (only the fault suite starts a private server)
 
-        pgserver.pg_ctl(list(args), pgdata=self.server.pgdata, user=self.server.system_user, timeout=30)
+        pgserver.pg_ctl(  # type: ignore[attr-defined]  # not in pgserver's __all__
+            list(args), pgdata=self.server.pgdata, user=self.server.system_user, timeout=30
+        )
 
     def stop(self) -> None:
         """Fast shutdown: every connection is cut, as when the database host restarts."""
@@ -346,7 +350,9 @@ def private_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Private
         warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR unset on CI
         import pgserver  # noqa: PLC0415  (only the fault suite starts a private server)
 
-        server = pgserver.get_server(tmp_path_factory.mktemp("pg") / "data", cleanup_mode="delete")
+        server = pgserver.get_server(  # type: ignore[attr-defined]  # not in pgserver's __all__
+            tmp_path_factory.mktemp("pg") / "data", cleanup_mode="delete"
+        )
     private = PrivateServer(server, str(server.get_uri()))
     yield private
     private.close()

@@ -22,6 +22,7 @@ from certsync.sandbox.faults import FaultScript, FaultStep, Latency
 from certsync.sandbox.server import SandboxServer
 from certsync.sandbox.state import RecordedRequest, SandboxConfig
 from certsync.store.pool import Pool
+from certsync.store.retry_queue import RetryEntrySummary
 from certsync.worker import SyncWorker, WorkerOptions, WorkerStats
 from tests.faults.conftest import (
     CLIENT_SECRET,
@@ -68,8 +69,8 @@ class FaultRun:
     def logged(self, event: str, **fields: Any) -> list[dict[str, Any]]:
         return [e for e in self.logs.events(event) if all(e.get(k) == v for k, v in fields.items())]
 
-    async def queue(self) -> list[dict[str, Any]]:
-        return list(await self.runtime.queue.list_entries(limit=1000))
+    async def queue(self) -> list[RetryEntrySummary]:
+        return await self.runtime.queue.list_entries(limit=1000)
 
     async def recover_and_verify(self) -> None:
         """The portal heals; the outbox drains and the retry queue is replayed; then nothing is lost and
@@ -162,8 +163,8 @@ async def test_timeouts_are_retried_then_queued_pending_and_delivered_by_replay(
 
         assert (stats.delivered, stats.queued_pending) == (0, 2)
         entries = await run.queue()
-        assert {(e["status"], e["attempt_count"]) for e in entries} == {("pending", 2)}
-        assert all("timeout: ReadTimeout" in e["failure_reason"] for e in entries)
+        assert {(e.status, e.attempt_count) for e in entries} == {("pending", 2)}
+        assert all("timeout: ReadTimeout" in e.failure_reason for e in entries)
         assert len(run.logged("dynamics_request", error="ReadTimeout")) == 4
         assert len(run.logged("delivery_queued", queue_status="pending")) == 2
         await run.recover_and_verify()
@@ -266,8 +267,8 @@ async def test_a_contract_version_change_sends_every_change_to_investigation_and
 
         assert (stats.delivered, stats.queued_investigation) == (0, 3)
         entries = await run.queue()
-        assert {e["status"] for e in entries} == {"requires_investigation"}
-        assert all("contract v1 not accepted (portal accepts 2)" in e["failure_reason"] for e in entries)
+        assert {e.status for e in entries} == {"requires_investigation"}
+        assert all("contract v1 not accepted (portal accepts 2)" in e.failure_reason for e in entries)
         assert (await run.runtime.breaker.snapshot()).state is CircuitState.CLOSED
         assert len(run.logged("dynamics_attempt", status=409, outcome="ContractMismatchError")) == 3
         await run.recover_and_verify()

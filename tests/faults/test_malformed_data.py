@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from typing import cast
 
 import psycopg
 import pytest
@@ -124,7 +125,7 @@ async def test_replaying_an_entry_whose_payload_is_not_an_object_and_whose_certi
         )
         row = await cur.fetchone()
         assert row is not None
-        entry_id = int(row["id"])
+        entry_id = cast(int, row["id"])
 
     async with open_runtime(settings_for(database_url, sandbox)) as runtime:
         result = await runtime.replay_service().replay(entry_id, by="fault-suite")

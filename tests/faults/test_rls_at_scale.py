@@ -70,10 +70,10 @@ def coordinated_mentors(shape: Shape, user: int) -> set[int]:
 def test_at_scale_every_user_reads_exactly_what_the_rule_defines(
     hierarchy: Hierarchy, api: Conn, shape: Shape
 ) -> None:
-    rule.test_every_user_sees_exactly_the_certifications_the_rule_defines.hypothesis.inner_test(
+    rule.test_every_user_sees_exactly_the_certifications_the_rule_defines.hypothesis.inner_test(  # type: ignore[attr-defined]  # set by @given
         hierarchy, api, shape
     )
-    rule.test_every_user_sees_exactly_the_chapters_and_organisations_of_their_own_memberships.hypothesis.inner_test(
+    rule.test_every_user_sees_exactly_the_chapters_and_organisations_of_their_own_memberships.hypothesis.inner_test(  # type: ignore[attr-defined]  # set by @given
         hierarchy, api, shape
     )
 
@@ -83,7 +83,7 @@ def test_at_scale_every_user_reads_exactly_what_the_rule_defines(
 def test_at_scale_every_user_updates_exactly_the_certifications_they_coordinate_and_deletes_none(
     hierarchy: Hierarchy, api: Conn, shape: Shape
 ) -> None:
-    rule.test_every_user_updates_exactly_the_certifications_they_coordinate.hypothesis.inner_test(
+    rule.test_every_user_updates_exactly_the_certifications_they_coordinate.hypothesis.inner_test(  # type: ignore[attr-defined]  # set by @given
         hierarchy, api, shape
     )
     for user_id in ids(api, "select id from auth.users"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from datetime import date
+from uuid import UUID
 
 import pytest
 
@@ -55,7 +56,7 @@ async def test_a_usage_error_exits_2_with_one_line(database_url: str) -> None:
 
 
 async def open_the_circuit(pool: Pool, database_url: str) -> None:
-    settings = Settings(_env_file=None, database_url=database_url)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, database_url=database_url)
     breaker = breaker_for(pool, settings, SystemClock())
     for _ in range(breaker.failure_threshold):
         await breaker.record_failure("HTTP 503 Service Unavailable")
@@ -122,12 +123,12 @@ async def test_contract_check_without_a_portal_configured_exits_2(database_url: 
 # sweep ------------------------------------------------------------------------------------------------
 
 
-async def statuses_of(pool: Pool, ids: list[object]) -> list[str]:
+async def statuses_of(pool: Pool, ids: list[UUID]) -> list[str]:
     async with pool.connection() as conn:
         cur = await conn.execute(
             "select status from public.certifications where id = any(%s) order by status", (ids,)
         )
-        return [r["status"] for r in await cur.fetchall()]
+        return [str(r["status"]) for r in await cur.fetchall()]
 
 
 async def test_sweep_expires_exactly_the_due_certifications(pool: Pool, database_url: str) -> None:

@@ -92,6 +92,7 @@ async def test_replaying_a_pending_entry_after_the_portal_recovers_sends_the_cur
     assert entry.status == "pending"
     assert entry.payload_json["certification"]["status"] == "active"
     # Between the failure and the replay a coordinator suspends the certification.
+    assert entry.certification_id is not None
     await set_status(pool, [entry.certification_id], "suspended")
     portal_answers(sandbox, None)
 

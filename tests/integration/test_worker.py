@@ -166,7 +166,7 @@ async def test_an_outage_met_while_deciding_how_long_to_idle_is_ridden_out(
     # The CI failure this pins: the idle decision's breaker read sat outside the loop's outage
     # handling, so an outage starting between a claim and that read ended the worker.
     store = IdleSnapshotOutage(PostgresBreakerStore(pool), failures=3)
-    breaker = DynamicsCircuitBreaker(DYNAMICS_BREAKER, store, runtime.clock)  # type: ignore[arg-type]
+    breaker = DynamicsCircuitBreaker(DYNAMICS_BREAKER, store, runtime.clock)
     worker = dataclasses.replace(runtime, breaker=breaker).worker(FAST, listen=False)
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))

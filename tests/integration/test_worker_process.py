@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import httpx
 import pytest
@@ -76,7 +77,7 @@ async def wait_until(pool: Pool, condition: Callable[[dict[str, int]], bool]) ->
 async def database_versions(pool: Pool) -> dict[str, int]:
     async with pool.connection() as conn:
         cur = await conn.execute("select id, version from public.certifications")
-        return {str(r["id"]): int(r["version"]) for r in await cur.fetchall()}
+        return {str(r["id"]): cast(int, r["version"]) for r in await cur.fetchall()}
 
 
 def portal_versions(sandbox: SandboxServer) -> dict[str, int]:

@@ -36,7 +36,7 @@ def portal_settings(database_url: str, portal: str, **overrides: Any) -> Setting
         "dynamics_token": DEFAULT_TOKEN,
         "log_format": "json",
     }
-    return Settings(_env_file=None, **(values | overrides))  # type: ignore[call-arg]
+    return Settings(_env_file=None, **(values | overrides))
 
 
 def settings_for(database_url: str, sandbox: SandboxServer, **overrides: Any) -> Settings:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from datetime import date
+from typing import cast
 from uuid import UUID
 
 from certsync.store.pool import Pool
@@ -26,7 +27,7 @@ async def seed_certifications(
             """,
             (valid_until, status, count),
         )
-        return [r["id"] for r in await cur.fetchall()]
+        return [cast(UUID, r["id"]) for r in await cur.fetchall()]
 
 
 async def set_status(pool: Pool, certification_ids: list[UUID], status: str) -> None:
@@ -41,7 +42,7 @@ async def outbox_statuses(pool: Pool) -> dict[str, int]:
         cur = await conn.execute(
             "select status, count(*) as n from public.certification_sync_events group by status"
         )
-        return {r["status"]: int(r["n"]) for r in await cur.fetchall()}
+        return {str(r["status"]): cast(int, r["n"]) for r in await cur.fetchall()}
 
 
 async def change_some(pool: Pool, certifications: list[UUID], rng: random.Random, count: int) -> int:

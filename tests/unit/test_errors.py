@@ -59,7 +59,7 @@ def test_a_portal_error_reads_as_the_portals_to_an_operator() -> None:
 
 async def test_the_dataverse_wire_is_refused_as_configuration_until_it_is_built() -> None:
     settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
         dynamics_base_url="https://hlf.crm4.dynamics.com",
         dynamics_token="t",
         dynamics_api="dataverse",
