@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from certsync.resilience.gate import SLOT_MARGIN_SECONDS, SendGate, SendPermit
@@ -346,6 +346,9 @@ def drain(
     latencies=st.lists(st.sampled_from([0.0, 0.001, 0.05, 0.4, 2.0]), min_size=1, max_size=8),
     overtakes=st.lists(st.integers(min_value=0, max_value=3), min_size=1, max_size=8),
 )
+# Found by hypothesis: the first request is overtaken and reaches the portal after the window has slid,
+# so its answer shows more budget than the report although the portal counted it after the report.
+@example(limit=4, window=1.0, requests=16, concurrency=3, latencies=[0.0], overtakes=[2, 0, 0, 0, 2])
 def test_one_process_paced_by_the_reported_budget_is_never_refused_and_delivers_everything(
     limit: int,
     window: float,

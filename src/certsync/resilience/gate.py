@@ -185,7 +185,12 @@ class SendGate:
         elif permit.seq in self._overtaken:
             self._overtaken.discard(permit.seq)
             assert report is not None
-            if not admitted or (remaining is not None and remaining > report.remaining):
+            # Counted after the report, its answer could show at most the report's budget plus what has
+            # left the window since, less itself; more than that, and the portal counted it before.
+            counted_before = (
+                remaining is not None and remaining >= report.remaining + self._aged + self._maybe_aged
+            )
+            if not admitted or counted_before:
                 self._since_report -= 1  # refused, or the portal counted it before the report
         self._changed.set()
         self._changed = asyncio.Event()
