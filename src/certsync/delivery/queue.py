@@ -16,9 +16,11 @@ import structlog
 
 from certsync.delivery.replay import ReplayResult, ReplayService, ReplaySummary
 from certsync.resilience.clock import Clock
-from certsync.store.console_queries import ConsoleQueries, QueueCursor, QueueFilters
+from certsync.store.console_queries import ConsoleQueries
 from certsync.store.retry_queue import (
     QUEUE_STATUSES,
+    QueueCursor,
+    QueueFilters,
     QueueStatus,
     RetryEntry,
     RetryEntrySummary,
@@ -100,7 +102,7 @@ class QueueService:
     async def page(
         self, filters: QueueFilters, *, after: QueueCursor | None, limit: int, actionable_only: bool = False
     ) -> list[RetryEntrySummary]:
-        return await self._queries.page(filters, after=after, limit=limit, actionable_only=actionable_only)
+        return await self._queue.page(filters, after=after, limit=limit, actionable_only=actionable_only)
 
     async def matching(self, filters: QueueFilters, *, actionable_only: bool = False) -> int:
         return await self._queries.count(filters, actionable_only=actionable_only)

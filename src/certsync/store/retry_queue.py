@@ -67,6 +67,35 @@ class RetryEntry(RetryEntrySummary):
     discarded_by: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class QueueFilters:
+    """Which retry-queue entries an operator means; every field optional. ``created_to`` is exclusive."""
+
+    status: str | None = None
+    operation_type: str | None = None
+    certification_id: UUID | None = None
+    created_from: datetime | None = None
+    created_to: datetime | None = None
+
+    def params(self, *, actionable_only: bool = False) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "operation_type": self.operation_type,
+            "certification_id": self.certification_id,
+            "created_from": self.created_from,
+            "created_to": self.created_to,
+            "actionable_only": actionable_only,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class QueueCursor:
+    """The last entry of a page; the next page starts after it (newest first)."""
+
+    created_at: datetime
+    id: int
+
+
 def summary_of(row: dict[str, Any]) -> RetryEntrySummary:
     return RetryEntrySummary(**row)
 
@@ -107,27 +136,38 @@ class RetryQueue:
             raise NotFound(f"no retry queue entry with id {entry_id}")
         return RetryEntry(**rows[0])
 
+    async def page(
+        self,
+        filters: QueueFilters,
+        *,
+        after: QueueCursor | None = None,
+        limit: int = 50,
+        actionable_only: bool = False,
+    ) -> list[RetryEntrySummary]:
+        """One page, newest first (keyset on ``(created_at, id)``: the same cost at any depth, and rows
+        added meanwhile never shift it). ``actionable_only``: what replay and discard may change."""
+        rows = await fetch(
+            self._pool,
+            "retry_entries_page",
+            {
+                **filters.params(actionable_only=actionable_only),
+                "before_created_at": after.created_at if after else None,
+                "before_id": after.id if after else None,
+                "limit": limit,
+            },
+        )
+        return [summary_of(row) for row in rows]
+
     async def list_entries(
         self,
         *,
         status: str | None = None,
         operation_type: str | None = None,
         certification_id: UUID | None = None,
-        before_id: int | None = None,
         limit: int = 50,
     ) -> list[RetryEntrySummary]:
-        rows = await fetch(
-            self._pool,
-            "list_retry_entries",
-            {
-                "status": status,
-                "operation_type": operation_type,
-                "certification_id": certification_id,
-                "before_id": before_id,
-                "limit": limit,
-            },
-        )
-        return [summary_of(row) for row in rows]
+        """The newest ``limit`` entries matching."""
+        return await self.page(QueueFilters(status, operation_type, certification_id), limit=limit)
 
     async def iterate(
         self,
@@ -137,21 +177,16 @@ class RetryQueue:
         certification_id: UUID | None = None,
         page_size: int = 500,
     ) -> AsyncIterator[RetryEntrySummary]:
-        """Every matching entry, newest first, a page at a time (keyset paging: bounded memory)."""
-        before: int | None = None
+        """Every matching entry, newest first, a page at a time (bounded memory)."""
+        filters = QueueFilters(status, operation_type, certification_id)
+        after: QueueCursor | None = None
         while True:
-            page = await self.list_entries(
-                status=status,
-                operation_type=operation_type,
-                certification_id=certification_id,
-                before_id=before,
-                limit=page_size,
-            )
+            page = await self.page(filters, after=after, limit=page_size)
             for row in page:
                 yield row
             if len(page) < page_size:
                 return
-            before = page[-1].id
+            after = QueueCursor(page[-1].created_at, page[-1].id)
 
     async def record_replay_outcome(
         self,

@@ -21,15 +21,20 @@ from public.dynamics_sync_retry_queue where id = %(id)s;
 -- name: lock_retry_entry
 select * from public.dynamics_sync_retry_queue where id = %(id)s for update;
 
--- name: list_retry_entries
--- Newest first; every filter optional (null = any).
+-- name: retry_entries_page
+-- Keyset paging on the queue's own order (created_at desc, id desc): the cursor is the last row seen,
+-- so a page costs the same at any depth and rows added meanwhile never shift it.
 select id, operation_type, certification_id, event_id, failure_reason, attempt_count, status,
        replay_count, last_replayed_at, last_replayed_by, created_at, updated_at
 from public.dynamics_sync_retry_queue
 where (%(status)s::text is null or status = %(status)s)
   and (%(operation_type)s::text is null or operation_type = %(operation_type)s)
   and (%(certification_id)s::uuid is null or certification_id = %(certification_id)s)
-  and (%(before_id)s::bigint is null or id < %(before_id)s)
+  and (%(created_from)s::timestamptz is null or created_at >= %(created_from)s)
+  and (%(created_to)s::timestamptz is null or created_at < %(created_to)s)
+  and (%(actionable_only)s::boolean is not true or status in ('pending', 'requires_investigation'))
+  and (%(before_created_at)s::timestamptz is null
+       or (created_at, id) < (%(before_created_at)s::timestamptz, %(before_id)s::bigint))
 order by created_at desc, id desc
 limit %(limit)s;
 
