@@ -185,3 +185,28 @@ async def test_shims_provide_supabase_auth_functions(empty_database: str) -> Non
         )
         cur = await conn.execute("select rolbypassrls from pg_roles where rolname = 'service_role'")
         assert await cur.fetchone() == (True,)
+
+
+async def test_the_shims_auth_users_is_supabases_with_no_default_id(empty_database: str) -> None:
+    # On Supabase, GoTrue creates auth.users (supabase/auth, migrations/) and supplies every id itself:
+    # the column has no default, so a local insert without one must fail here as it would there.
+    async with await psycopg.AsyncConnection.connect(empty_database) as conn:
+        await migrate(conn)
+        cur = await conn.execute(
+            """
+            select a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+                   pg_get_expr(d.adbin, d.adrelid)
+            from pg_attribute a left join pg_attrdef d on d.adrelid = a.attrelid and d.adnum = a.attnum
+            where a.attrelid = 'auth.users'::regclass and a.attnum > 0 and not a.attisdropped
+              and a.attname in ('id', 'email', 'raw_user_meta_data', 'created_at')
+            order by a.attname
+            """
+        )
+        assert await cur.fetchall() == [
+            ("created_at", "timestamp with time zone", False, None),
+            ("email", "character varying(255)", False, None),
+            ("id", "uuid", True, None),
+            ("raw_user_meta_data", "jsonb", False, None),
+        ]
+        with pytest.raises(psycopg.errors.NotNullViolation):
+            await conn.execute("insert into auth.users default values")
