@@ -21,7 +21,7 @@ def console(
     from certsync.console import ConsoleConfigurationError, create_console_app
 
     try:
-        web = create_console_app(lambda: composition.open_runtime(settings), settings)
+        web = create_console_app(lambda: composition.open_runtime(settings), settings, host=host)
     except ConsoleConfigurationError as exc:
         fail(2, str(exc))
     try:

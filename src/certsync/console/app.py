@@ -31,6 +31,8 @@ from certsync.console.auth import (
     OperatorCredentials,
     Session,
     SessionCodec,
+    SignInThrottle,
+    listens_beyond_loopback,
     session_secret,
 )
 from certsync.console.service import BadInput, ConsoleService
@@ -44,6 +46,7 @@ from certsync.metrics import (
 from certsync.resilience.clock import Clock, SystemClock
 from certsync.settings import Settings
 from certsync.store.console_queries import SystemStatus
+from certsync.store.console_sessions import ConsoleSessions
 from certsync.store.errors import DatabaseUnavailable, NotFound, SchemaMissing, StoreError, first_line
 
 RuntimeFactory = Callable[[], AbstractAsyncContextManager[Runtime]]
@@ -71,7 +74,12 @@ class ConsoleContext:
     """What every request needs: settings, credentials, the session codec, templates, the runtime."""
 
     def __init__(
-        self, settings: Settings, clock: Clock, metrics: ProcessMetrics, runtime: Runtime | None
+        self,
+        settings: Settings,
+        clock: Clock,
+        metrics: ProcessMetrics,
+        runtime: Runtime | None,
+        host: str | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -79,6 +87,11 @@ class ConsoleContext:
         self.credentials = OperatorCredentials.from_settings(settings)
         self.codec = SessionCodec(
             session_secret(settings), timedelta(hours=settings.console_session_hours), clock
+        )
+        self.throttle = SignInThrottle(clock)
+        # Reachable from another machine: the cookie must never travel over plain HTTP.
+        self.secure_cookies = settings.console_secure_cookies or (
+            host is not None and listens_beyond_loopback(host)
         )
         self.templates = Jinja2Templates(directory=str(Path(str(_PACKAGE.joinpath("templates")))))
         self.templates.env.filters["local"] = self.local_time
@@ -90,8 +103,19 @@ class ConsoleContext:
             raise DatabaseUnavailable("the console is not connected to the database yet")
         return ConsoleService(self.runtime)
 
+    def sessions(self) -> ConsoleSessions:
+        if self.runtime is None:
+            raise DatabaseUnavailable("the console is not connected to the database yet")
+        return ConsoleSessions(self.runtime.pool)
+
     def session(self, request: Request) -> Session | None:
-        return self.codec.decode(request.cookies.get(SESSION_COOKIE))
+        """The request's session as ``resolve_session`` found it. Where it did not run, the cookie is only
+        good as a signed-out session: a signed-in one is not trusted without its database record."""
+        resolved = getattr(request.state, _RESOLVED_SESSION, _UNRESOLVED)
+        if resolved is not _UNRESOLVED:
+            return resolved if isinstance(resolved, Session) else None
+        session = self.codec.decode(request.cookies.get(SESSION_COOKIE))
+        return session if session is not None and session.operator is None else None
 
     def set_session(self, response: Response, session: Session) -> None:
         response.set_cookie(
@@ -100,7 +124,7 @@ class ConsoleContext:
             max_age=int(self.codec.lifetime.total_seconds()),
             httponly=True,
             samesite="strict",
-            secure=self.settings.console_secure_cookies,
+            secure=self.secure_cookies,
             path="/",
         )
 
@@ -131,6 +155,26 @@ def context_of(request: Request) -> ConsoleContext:
     return context
 
 
+_RESOLVED_SESSION = "console_session"
+_UNRESOLVED = object()
+
+
+async def resolve_session(request: Request) -> None:
+    """Every page's first step: the session its cookie names, a signed-in one only while the database
+    still holds its record (signing out, or revoking every session, deletes it) for the same operator."""
+    context = context_of(request)
+    session = context.codec.decode(request.cookies.get(SESSION_COOKIE))
+    if session is not None and session.operator is not None:
+        live = (
+            await context.sessions().operator_of(session.record, context.clock.now())
+            if session.record is not None
+            else None
+        )
+        if live != session.operator:
+            session = None
+    setattr(request.state, _RESOLVED_SESSION, session)
+
+
 def is_api(request: Request) -> bool:
     return request.url.path.startswith("/api/")
 
@@ -141,15 +185,22 @@ def create_console_app(
     *,
     clock: Clock | None = None,
     metrics: ProcessMetrics | None = None,
+    host: str | None = None,
 ) -> FastAPI:
     """The console. ``runtime``: an open ``Runtime`` (tests), or a factory entered for the app's lifespan
     (``lambda: open_runtime(settings)``) so that the pool lives on the server's own event loop.
+    ``host``: the address it will listen on; beyond loopback, the session cookie is ``Secure``.
 
-    Raises ``ConsoleConfigurationError`` when no operator could sign in with these settings.
+    Raises ``ConsoleConfigurationError`` when no operator could sign in with these settings, or a
+    password or session secret is too short.
     """
     process_metrics = metrics if metrics is not None else ProcessMetrics()
     context = ConsoleContext(
-        settings, clock or SystemClock(), process_metrics, runtime if isinstance(runtime, Runtime) else None
+        settings,
+        clock or SystemClock(),
+        process_metrics,
+        runtime if isinstance(runtime, Runtime) else None,
+        host,
     )
 
     @asynccontextmanager
