@@ -54,7 +54,8 @@ def seed_certifications(
     conn.execute("alter table public.certifications disable trigger certifications_capture_inserts")
     conn.execute(
         """
-        with u as (insert into auth.users select from generate_series(1, %(mentors)s) returning id),
+        with u as (insert into auth.users (id)
+                   select gen_random_uuid() from generate_series(1, %(mentors)s) returning id),
              m as (insert into public.peer_mentors (user_id, display_name)
                    select id, 'Mentor' from u returning id)
         insert into public.certifications (peer_mentor_id, valid_from, valid_until)
@@ -200,7 +201,7 @@ def coordinator_read(options: Options, report: Report) -> tuple[float, float]:
             with o as (insert into public.organisations (name) values ('Org') returning id),
                  c as (insert into public.chapters (organisation_id, name)
                        select id, 'Chapter' from o returning id),
-                 u as (insert into auth.users default values returning id),
+                 u as (insert into auth.users (id) values (gen_random_uuid()) returning id),
                  coordinator as (insert into public.chapter_memberships (user_id, chapter_id, role)
                                  select u.id, c.id, 'coordinator' from u, c returning user_id),
                  mentors as (insert into public.chapter_memberships (user_id, chapter_id, role)

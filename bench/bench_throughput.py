@@ -67,7 +67,8 @@ def seed(database_url: str, count: int) -> list[dict[str, Any]]:
     with psycopg.connect(database_url, autocommit=True, row_factory=dict_row) as conn:
         conn.execute(
             """
-            with u as (insert into auth.users select from generate_series(1, %(mentors)s) returning id),
+            with u as (insert into auth.users (id)
+                       select gen_random_uuid() from generate_series(1, %(mentors)s) returning id),
                  m as (insert into public.peer_mentors (user_id, display_name)
                        select id, 'Mentor' from u returning id)
             insert into public.certifications (peer_mentor_id, valid_from, valid_until)

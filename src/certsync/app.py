@@ -38,6 +38,7 @@ from certsync.store.audit import AccessAuditRecorder
 from certsync.store.breaker_state import PostgresBreakerStore
 from certsync.store.certifications import CertificationRepository
 from certsync.store.console_queries import ConsoleQueries
+from certsync.store.console_sessions import ConsoleSessions as ConsoleSessions  # noqa: PLC0414  (re-exported: the console reaches the store through app)
 from certsync.store.embedded import embedded_database_url
 from certsync.store.migrations import MigrationReport, migrate
 from certsync.store.outbox import Outbox, OutboxListener
@@ -223,6 +224,10 @@ class Runtime:
 
     def queue_service(self) -> QueueService:
         return QueueService(self.queue, ConsoleQueries(self.pool), self.replay_service, self.clock)
+
+    def console_sessions(self) -> ConsoleSessions:
+        """The operator console's signed-in sessions (``console_sessions``), shared by its processes."""
+        return ConsoleSessions(self.pool)
 
     async def system_status(self) -> SystemStatus:
         return await read_system_status(self.pool, self.breaker, self.clock.now())

@@ -139,7 +139,9 @@ async def _seed(runtime: Runtime, today: date) -> dict[str, UUID]:
                     (org_id, name),
                 )
         coordinator = await _new_id(
-            conn, "insert into auth.users (email) values ('coordinator@example.org') returning id"
+            conn,
+            "insert into auth.users (id, email) values (gen_random_uuid(), 'coordinator@example.org')"
+            " returning id",
         )
         for chapter in ("Tromsø", "Bergen"):
             await conn.execute(
@@ -149,7 +151,7 @@ async def _seed(runtime: Runtime, today: date) -> dict[str, UUID]:
         for index, (name, member_of, days) in enumerate(_MENTORS):
             user = await _new_id(
                 conn,
-                "insert into auth.users (email) values (%s) returning id",
+                "insert into auth.users (id, email) values (gen_random_uuid(), %s) returning id",
                 (f"mentor{index}@example.org",),
             )
             mentor = await _new_id(

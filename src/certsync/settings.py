@@ -78,12 +78,14 @@ class Settings(BaseSettings):
         default="operator", min_length=1, max_length=64, description="who token sign-ins act as"
     )
     console_username: str | None = Field(default=None, min_length=1, max_length=64)
-    console_password: SecretStr | None = None
+    console_password: SecretStr | None = Field(default=None, description="at least 12 characters")
     console_session_secret: SecretStr | None = Field(
-        default=None, description="signs session cookies; unset: a random one per process"
+        default=None, description="signs session cookies (32+ characters); unset: a random one per process"
     )
     console_session_hours: float = Field(default=8.0, gt=0.0, le=24.0 * 30)
-    console_secure_cookies: bool = Field(default=False, description="set when served over HTTPS")
+    console_secure_cookies: bool = Field(
+        default=False, description="set when served over HTTPS; implied when listening beyond loopback"
+    )
 
     @field_validator("database_url")
     @classmethod

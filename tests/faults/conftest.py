@@ -131,8 +131,8 @@ async def seed_mentors(pool: Pool, mentors: int, certifications_each: int = 1) -
         cur = await conn.execute(
             """
             with u as (
-              insert into auth.users (email)
-              select 'mentor-' || substr(md5(random()::text), 1, 12) || '@example.org'
+              insert into auth.users (id, email)
+              select gen_random_uuid(), 'mentor-' || substr(md5(random()::text), 1, 12) || '@example.org'
               from generate_series(1, %(mentors)s)
               returning id, email
             ),

@@ -36,6 +36,7 @@ EVIL = "https://evil.example"
 # The state-changing forms, with the fields each needs apart from the CSRF token.
 FORMS = {
     "/logout": {},
+    "/sessions/revoke": {},
     "/breaker/reset": {},
     "/queue/1/replay": {},
     "/queue/1/discard": {"reason": "cross-site"},
@@ -132,9 +133,9 @@ def test_every_api_operation_refuses_requests_without_a_valid_bearer_token_and_c
 ) -> None:
     operations = api_operations(console)
     assert len(operations) >= 8
-    before = table_checksums(console.database_url)
     with console.client() as client:
-        cookie = _signed_in_cookie(client)
+        cookie = _signed_in_cookie(client)  # signing in records a session: before the snapshot
+        before = table_checksums(console.database_url)
         attempts = [
             {},
             {"Authorization": "Bearer wrong-token-wrong-token-wrong"},
@@ -157,12 +158,12 @@ def test_every_page_sends_a_visitor_without_a_session_to_sign_in(console: Runnin
 
 
 def test_every_form_posted_cross_site_is_refused_and_changes_nothing(console: RunningConsole) -> None:
-    before = table_checksums(console.database_url)
-    with console.client() as anonymous:
-        for path, fields in FORMS.items():
-            assert anonymous.post(path, data=fields, headers={"Origin": EVIL}).status_code == 401, path
     with console.client() as victim:
-        _signed_in_cookie(victim)
+        _signed_in_cookie(victim)  # signing in records a session: before the snapshot
+        before = table_checksums(console.database_url)
+        with console.client() as anonymous:
+            for path, fields in FORMS.items():
+                assert anonymous.post(path, data=fields, headers={"Origin": EVIL}).status_code == 401, path
         for path, fields in FORMS.items():
             # What a forged form on another site can send: the victim's cookie, no or a guessed token.
             for token in (None, "", "guessed-csrf-token"):

@@ -48,7 +48,7 @@ async def peer_mentor_id(pool: Pool) -> UUID:
     async with pool.connection() as conn:
         cur = await conn.execute(
             """
-            with u as (insert into auth.users default values returning id)
+            with u as (insert into auth.users (id) values (gen_random_uuid()) returning id)
             insert into public.peer_mentors (user_id, display_name) select id, 'Mentor' from u returning id
             """
         )

@@ -4,6 +4,7 @@ against the sandbox."""
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -15,14 +16,17 @@ import pytest
 
 from certsync.app import Runtime, open_runtime
 from certsync.console import ConsoleConfigurationError, create_console_app
+from certsync.resilience.testing import ManualClock
 from certsync.sandbox.server import SandboxServer
 from certsync.store.pool import Pool
 from certsync.store.retry_queue import NewRetryEntry
+from tests.support.cli import assert_one_line_error, certsync, cli_env
 from tests.support.console import (
     BASE,
     BEARER,
     PASSWORD,
     SECRETS,
+    SESSION_SECRET,
     TOKEN,
     USERNAME,
     console_settings,
@@ -110,7 +114,7 @@ async def test_pages_send_a_visitor_without_a_session_to_sign_in(
 
 
 FORMS = ["/queue/1/replay", "/queue/1/discard", "/queue/selection/replay", "/queue/selection/discard"]
-FORMS += ["/breaker/reset", "/logout"]
+FORMS += ["/breaker/reset", "/logout", "/sessions/revoke"]
 
 
 @pytest.mark.parametrize("path", FORMS)
@@ -198,6 +202,178 @@ async def test_sign_out_ends_the_session(client: httpx.AsyncClient) -> None:
     csrf = await signed_in_csrf(client)
     assert (await client.post("/logout", data={"csrf_token": csrf})).status_code == 303
     assert (await client.get("/")).status_code == 303
+
+
+async def test_a_replayed_cookie_no_longer_works_after_signing_out(client: httpx.AsyncClient) -> None:
+    csrf = await signed_in_csrf(client)
+    cookie = client.cookies["certsync_console"]
+    assert (await client.post("/logout", data={"csrf_token": csrf})).status_code == 303
+    # Someone kept the cookie (a shared machine, a proxy log): the server no longer holds its session.
+    client.cookies.set("certsync_console", cookie, domain="console.test")
+    assert (await client.get("/")).status_code == 303
+    assert (await client.post("/breaker/reset", data={"csrf_token": csrf})).status_code == 401
+
+
+async def test_revoking_every_session_signs_out_every_browser_on_every_console_process(
+    runtime: Runtime, client: httpx.AsyncClient
+) -> None:
+    # A second console process: its own app and memory, the same database and session secret.
+    other_process = create_console_app(runtime, runtime.settings)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=other_process), base_url=BASE) as other:
+        await signed_in_csrf(other)
+        csrf = await signed_in_csrf(client)
+        cookie = client.cookies["certsync_console"]
+
+        response = await client.post("/sessions/revoke", data={"csrf_token": csrf})
+
+        assert response.status_code == 303
+        assert response.headers["location"] == "/login"
+        assert (await other.get("/")).status_code == 303
+        client.cookies.set("certsync_console", cookie, domain="console.test")
+        assert (await client.get("/")).status_code == 303
+    # Signing in again works at once.
+    assert (await sign_in(client)).status_code == 303
+    assert (await client.get("/")).status_code == 200
+
+
+async def test_the_overview_offers_revoking_every_session(client: httpx.AsyncClient) -> None:
+    await sign_in(client)
+    page = (await client.get("/")).text
+    assert 'action="/sessions/revoke"' in page
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+async def clocked(runtime: Runtime, clock: ManualClock) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_console_app(runtime, runtime.settings, clock=clock)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as c:
+        yield c
+
+
+async def test_after_five_failed_sign_ins_even_the_right_password_is_429_until_the_window_passes(
+    clocked: httpx.AsyncClient, clock: ManualClock
+) -> None:
+    for _ in range(5):
+        assert (await sign_in(clocked, username=USERNAME, password="wrong")).status_code == 401
+        clock.advance(30)
+    # The first failure was 150 s ago: 150 s of the 5-minute window remain.
+    refused = await sign_in(clocked, username=USERNAME, password=PASSWORD)
+    assert refused.status_code == 429
+    assert refused.headers["retry-after"] == "150"
+    assert "Too many failed sign-ins" in refused.text
+    clock.advance(149)
+    assert (await sign_in(clocked, username=USERNAME, password=PASSWORD)).headers["retry-after"] == "1"
+    assert (await clocked.get("/")).status_code == 303
+
+    clock.advance(1)
+    assert (await sign_in(clocked, username=USERNAME, password=PASSWORD)).status_code == 303
+    assert (await clocked.get("/")).status_code == 200
+
+
+async def test_sign_in_throttling_counts_failures_per_username(
+    clocked: httpx.AsyncClient, clock: ManualClock
+) -> None:
+    for _ in range(5):
+        assert (await sign_in(clocked, username="someone-else", password="guess")).status_code == 401
+    assert (await sign_in(clocked, username="someone-else", password="guess")).status_code == 429
+    assert (await sign_in(clocked, username=USERNAME, password=PASSWORD)).status_code == 303
+
+
+async def test_four_failures_then_a_success_start_the_count_again(
+    clocked: httpx.AsyncClient, clock: ManualClock
+) -> None:
+    for _ in range(4):
+        await sign_in(clocked, username=USERNAME, password="wrong")
+    assert (await sign_in(clocked, username=USERNAME, password=PASSWORD)).status_code == 303
+    await clocked.post("/logout", data={"csrf_token": csrf_of(await clocked.get("/"))})
+    for _ in range(4):
+        assert (await sign_in(clocked, username=USERNAME, password="wrong")).status_code == 401
+    assert (await sign_in(clocked, username=USERNAME, password=PASSWORD)).status_code == 303
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """``certsync console`` in process, stopping short of serving: what it would have served, and where."""
+    captured: dict[str, Any] = {}
+
+    def serve(app: Any, host: str, port: int, **_: Any) -> None:
+        captured.update(app=app, host=host)
+
+    monkeypatch.setattr(importlib.import_module("certsync.cli.console"), "serve", serve)
+    return captured
+
+
+@pytest.mark.parametrize(
+    ("host", "secure"),
+    [
+        ("127.0.0.1", False),
+        ("::1", False),
+        ("localhost", False),
+        ("0.0.0.0", True),
+        ("::", True),
+        ("192.168.10.20", True),
+        ("console.hlf.example", True),
+    ],
+)
+async def test_the_session_cookie_is_secure_whenever_the_console_listens_beyond_loopback(
+    database_url: str, served: dict[str, Any], host: str, secure: bool
+) -> None:
+    env = cli_env(
+        database_url,
+        CERTSYNC_CONSOLE_OPERATOR_TOKEN=TOKEN,
+        CERTSYNC_CONSOLE_SESSION_SECRET=SESSION_SECRET,
+    )
+    result = await certsync("console", "--host", host, env=env)
+    assert result.exit_code == 0, result.output
+    assert served["host"] == host
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=served["app"]), base_url=BASE) as c:
+        cookie = (await c.get("/login")).headers["set-cookie"].lower()
+    assert ("; secure" in cookie) is secure
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "needs"),
+    [
+        ("CERTSYNC_CONSOLE_PASSWORD", "eleven-char", "at least 12"),
+        ("CERTSYNC_CONSOLE_SESSION_SECRET", "x" * 31, "at least 32"),
+        ("CERTSYNC_CONSOLE_OPERATOR_TOKEN", "t" * 23, "at least 24"),
+    ],
+)
+async def test_certsync_console_refuses_a_short_secret_at_start_exiting_2_naming_it(
+    database_url: str, served: dict[str, Any], variable: str, value: str, needs: str
+) -> None:
+    env = cli_env(
+        database_url,
+        CERTSYNC_CONSOLE_OPERATOR_TOKEN=TOKEN,
+        CERTSYNC_CONSOLE_USERNAME=USERNAME,
+        CERTSYNC_CONSOLE_PASSWORD=PASSWORD,
+        CERTSYNC_CONSOLE_SESSION_SECRET=SESSION_SECRET,
+    )
+    result = await certsync("console", env=env | {variable: value})
+    assert result.exit_code == 2
+    assert_one_line_error(result)
+    assert variable in result.stderr
+    assert needs in result.stderr
+    assert value not in result.stderr
+    assert served == {}
+
+
+def test_a_short_password_is_refused(database_url: str, sandbox: SandboxServer) -> None:
+    settings = console_settings(database_url, sandbox, console_password="short-pass1")
+    with pytest.raises(ConsoleConfigurationError, match="CERTSYNC_CONSOLE_PASSWORD must be at least 12"):
+        create_console_app(lambda: open_runtime(settings), settings)
+
+
+def test_a_short_session_secret_is_refused(database_url: str, sandbox: SandboxServer) -> None:
+    settings = console_settings(database_url, sandbox, console_session_secret="s" * 31)
+    with pytest.raises(
+        ConsoleConfigurationError, match="CERTSYNC_CONSOLE_SESSION_SECRET must be at least 32"
+    ):
+        create_console_app(lambda: open_runtime(settings), settings)
 
 
 def test_a_console_nobody_could_sign_in_to_is_refused(database_url: str, sandbox: SandboxServer) -> None:

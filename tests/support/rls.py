@@ -78,7 +78,9 @@ def as_user(
         yield c
 
 
-def rows(conn: psycopg.Connection[Any], query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+def rows(
+    conn: psycopg.Connection[Any], query: str, params: tuple[Any, ...] | dict[str, Any] = ()
+) -> list[tuple[Any, ...]]:
     return conn.execute(query, params).fetchall()
 
 
@@ -144,8 +146,8 @@ class Hierarchy:
         )
 
     def user(self) -> UUID:
-        # No email: test accounts carry no personal data.
-        return self._one("insert into auth.users default values returning id", ())
+        # No email: test accounts carry no personal data. The id is ours to give, as GoTrue gives it.
+        return self._one("insert into auth.users (id) values (gen_random_uuid()) returning id", ())
 
     def membership(self, user_id: UUID, chapter_id: UUID, role: MembershipRole) -> None:
         self._conn.execute(

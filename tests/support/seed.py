@@ -18,7 +18,7 @@ async def seed_certifications(
     async with pool.connection() as conn:
         cur = await conn.execute(
             """
-            with u as (insert into auth.users default values returning id),
+            with u as (insert into auth.users (id) values (gen_random_uuid()) returning id),
                  m as (insert into public.peer_mentors (user_id, display_name)
                        select id, 'Mentor' from u returning id)
             insert into public.certifications (peer_mentor_id, valid_from, valid_until, status)

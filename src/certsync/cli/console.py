@@ -22,7 +22,7 @@ def console(
     from certsync.console import ConsoleConfigurationError, create_console_app  # noqa: PLC0415
 
     try:
-        web = create_console_app(lambda: composition.open_runtime(settings), settings)
+        web = create_console_app(lambda: composition.open_runtime(settings), settings, host=host)
     except ConsoleConfigurationError as exc:
         fail(2, str(exc))
     try:

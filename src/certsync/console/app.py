@@ -58,15 +58,22 @@ def create_console_app(
     *,
     clock: Clock | None = None,
     metrics: ProcessMetrics | None = None,
+    host: str | None = None,
 ) -> FastAPI:
     """The console. ``runtime``: an open ``Runtime`` (tests), or a factory entered for the app's lifespan
     (``lambda: open_runtime(settings)``) so that the pool lives on the server's own event loop.
+    ``host``: the address it will listen on; beyond loopback, the session cookie is ``Secure``.
 
-    Raises ``ConsoleConfigurationError`` when no operator could sign in with these settings.
+    Raises ``ConsoleConfigurationError`` when no operator could sign in with these settings, or a
+    password or session secret is too short.
     """
     process_metrics = metrics if metrics is not None else ProcessMetrics()
     context = ConsoleContext(
-        settings, clock or SystemClock(), process_metrics, runtime if isinstance(runtime, Runtime) else None
+        settings,
+        clock or SystemClock(),
+        process_metrics,
+        runtime if isinstance(runtime, Runtime) else None,
+        host,
     )
 
     @asynccontextmanager

@@ -16,12 +16,14 @@ from fastapi import Request
 from fastapi.responses import Response
 from fastapi.templating import Jinja2Templates
 
-from certsync.app import Runtime
+from certsync.app import ConsoleSessions, Runtime
 from certsync.console.auth import (
     SESSION_COOKIE,
     OperatorCredentials,
     Session,
     SessionCodec,
+    SignInThrottle,
+    listens_beyond_loopback,
     session_secret,
 )
 from certsync.console.service import ConsoleService
@@ -59,7 +61,12 @@ class ConsoleContext:
     """What every request needs: settings, credentials, the session codec, templates, the runtime."""
 
     def __init__(
-        self, settings: Settings, clock: Clock, metrics: ProcessMetrics, runtime: Runtime | None
+        self,
+        settings: Settings,
+        clock: Clock,
+        metrics: ProcessMetrics,
+        runtime: Runtime | None,
+        host: str | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -67,6 +74,11 @@ class ConsoleContext:
         self.credentials = OperatorCredentials.from_settings(settings)
         self.codec = SessionCodec(
             session_secret(settings), timedelta(hours=settings.console_session_hours), clock
+        )
+        self.throttle = SignInThrottle(clock)
+        # Reachable from another machine: the cookie must never travel over plain HTTP.
+        self.secure_cookies = settings.console_secure_cookies or (
+            host is not None and listens_beyond_loopback(host)
         )
         self.templates = Jinja2Templates(directory=str(Path(str(_PACKAGE.joinpath("templates")))))
         self.templates.env.filters["local"] = self.local_time
@@ -78,8 +90,19 @@ class ConsoleContext:
             raise ConsoleNotReady("the console is not connected to the database yet")
         return ConsoleService(self.runtime)
 
+    def sessions(self) -> ConsoleSessions:
+        if self.runtime is None:
+            raise ConsoleNotReady("the console is not connected to the database yet")
+        return self.runtime.console_sessions()
+
     def session(self, request: Request) -> Session | None:
-        return self.codec.decode(request.cookies.get(SESSION_COOKIE))
+        """The request's session as ``resolve_session`` found it. Where it did not run, the cookie is only
+        good as a signed-out session: a signed-in one is not trusted without its database record."""
+        resolved = getattr(request.state, _RESOLVED_SESSION, _UNRESOLVED)
+        if resolved is not _UNRESOLVED:
+            return resolved if isinstance(resolved, Session) else None
+        session = self.codec.decode(request.cookies.get(SESSION_COOKIE))
+        return session if session is not None and session.operator is None else None
 
     def set_session(self, response: Response, session: Session) -> None:
         response.set_cookie(
@@ -88,7 +111,7 @@ class ConsoleContext:
             max_age=int(self.codec.lifetime.total_seconds()),
             httponly=True,
             samesite="strict",
-            secure=self.settings.console_secure_cookies,
+            secure=self.secure_cookies,
             path="/",
         )
 
@@ -117,6 +140,26 @@ class ConsoleContext:
 def context_of(request: Request) -> ConsoleContext:
     context: ConsoleContext = request.app.state.console
     return context
+
+
+_RESOLVED_SESSION = "console_session"
+_UNRESOLVED = object()
+
+
+async def resolve_session(request: Request) -> None:
+    """Every page's first step: the session its cookie names, a signed-in one only while the database
+    still holds its record (signing out, or revoking every session, deletes it) for the same operator."""
+    context = context_of(request)
+    session = context.codec.decode(request.cookies.get(SESSION_COOKIE))
+    if session is not None and session.operator is not None:
+        live = (
+            await context.sessions().operator_of(session.record, context.clock.now())
+            if session.record is not None
+            else None
+        )
+        if live != session.operator:
+            session = None
+    setattr(request.state, _RESOLVED_SESSION, session)
 
 
 def is_api(request: Request) -> bool:

@@ -7,10 +7,12 @@ and answers with a redirect (or a result page for a filtered action), so a reloa
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Path, Request
+import structlog
+from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import TypeAdapter, ValidationError
 from starlette.datastructures import FormData
@@ -22,13 +24,16 @@ from certsync.console.context import (
     SignInRequired,
     Unauthorized,
     context_of,
+    resolve_session,
     validation_message,
 )
 from certsync.console.service import MAX_SELECTION, QueueFilterParams, Reason
 from certsync.delivery.queue import QUEUE_STATUSES
 from certsync.errors import BadInput
 
-router = APIRouter(include_in_schema=False)
+log = structlog.get_logger(__name__)
+
+router = APIRouter(include_in_schema=False, dependencies=[Depends(resolve_session)])
 
 EntryId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 PAGE_SIZES = (25, 50, 100, 200)
@@ -137,20 +142,57 @@ async def login(request: Request) -> Response:
     if session is None or not session.accepts_csrf(text(form, "csrf_token")):
         raise CsrfRejected
     credentials = context.credentials
+    target = safe_next(text(form, "next"))
+    # Token sign-ins name no username: they are throttled together, under the empty one.
+    username = text(form, "username") or ""
+    if (wait := context.throttle.retry_after(username)) is not None:
+        log.warning("console_sign_in_throttled", retry_after_seconds=wait)
+        refused = _login_form(
+            request,
+            session,
+            target,
+            error=f"Too many failed sign-ins: try again in {_duration(wait)}.",
+            status=429,
+        )
+        refused.headers["Retry-After"] = str(wait)
+        return refused
     operator = credentials.operator_for_token(text(form, "token")) or credentials.operator_for_password(
         text(form, "username"), text(form, "password")
     )
-    target = safe_next(text(form, "next"))
     if operator is None:
+        context.throttle.failed(username)
         return _login_form(request, session, target, error="Those credentials are not valid.", status=401)
+    context.throttle.succeeded(username)
+    expires_at = context.codec.expiry()
+    record = await context.sessions().open(
+        operator, context.clock.now(), datetime.fromtimestamp(expires_at, UTC)
+    )
     response = RedirectResponse(target, status_code=303)
-    context.set_session(response, session.signed_in(operator, context.codec.expiry()))
+    context.set_session(response, session.signed_in(operator, expires_at, record))
     return response
+
+
+def _duration(seconds: int) -> str:
+    return f"{seconds} s" if seconds < 120 else f"{-(-seconds // 60)} min"
 
 
 @router.post("/logout")
 async def logout(request: Request) -> Response:
     await posted_form(request)
+    session = context_of(request).session(request)
+    if session is not None and session.record is not None:
+        await context_of(request).sessions().close(session.record)
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+@router.post("/sessions/revoke")
+async def revoke_sessions(request: Request) -> Response:
+    """Sign out every browser on every console process, this one included."""
+    operator, _ = await posted_form(request)
+    revoked = await context_of(request).sessions().close_all()
+    log.info("console_sessions_revoked", operator=operator, sessions=revoked)
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response

@@ -1,6 +1,7 @@
 -- Local shims for a plain PostgreSQL: what a Supabase project already provides, so that the files in
 -- supabase/migrations apply unchanged. Applied by `certsync migrate` only when no `auth` schema exists.
--- Mirrors Supabase's definitions (supabase/postgres: roles, auth.uid(), auth.jwt(), auth.role()).
+-- Mirrors Supabase's definitions (supabase/postgres: roles, auth.uid(), auth.jwt(), auth.role();
+-- supabase/auth: auth.users).
 
 do $$
 begin
@@ -21,12 +22,26 @@ $$;
 create schema if not exists auth;
 grant usage on schema auth to anon, authenticated, service_role;
 
+-- auth.users as GoTrue (supabase/auth, migrations/) leaves it, for the columns certsync, its tests and
+-- the demo touch. No default on `id`: GoTrue generates every id itself, so an insert that names none
+-- fails here as it would on Supabase. Email is unique only among non-SSO users (users_email_partial_key).
 create table if not exists auth.users (
-  id uuid primary key default gen_random_uuid(),
-  email text unique,
-  raw_user_meta_data jsonb not null default '{}'::jsonb,
-  created_at timestamptz not null default now()
+  instance_id uuid,
+  id uuid not null,
+  aud varchar(255),
+  role varchar(255),
+  email varchar(255),
+  raw_app_meta_data jsonb,
+  raw_user_meta_data jsonb,
+  created_at timestamptz,
+  updated_at timestamptz,
+  phone text unique default null,
+  is_sso_user boolean not null default false,
+  deleted_at timestamptz,
+  is_anonymous boolean not null default false,
+  constraint users_pkey primary key (id)
 );
+create unique index if not exists users_email_partial_key on auth.users (email) where (is_sso_user = false);
 
 -- As on Supabase: the request's claims are set per transaction by PostgREST (set_config(..., true)).
 create or replace function auth.uid() returns uuid
