@@ -153,6 +153,12 @@ def test_the_shims_grant_new_objects_in_public_to_the_api_roles_as_supabase_does
         assert granted == (True, True, True), role
     named = {sequence for sequence, *_ in open_sequences(superuser)}
     assert named == {"public.probe_seq", "public.probe_table_id_seq"}
+    # And the roles inherit, as Supabase's do, so a grant through a group role counts for them too.
+    assert rows(
+        superuser,
+        "select rolname, rolinherit from pg_roles where rolname = any(%s) order by 1",
+        (["anon", "authenticated", "service_role"],),
+    ) == [("anon", True), ("authenticated", True), ("service_role", True)]
 
 
 # --- 2. security definer functions the API roles may call ------------------------------------------
