@@ -36,10 +36,12 @@ create index dynamics_sync_retry_queue_event_id_idx on public.dynamics_sync_retr
 -- the listener carries on); a replayed one finds its nonce already recorded. Built from PostgreSQL's own
 -- sha256() and gen_random_uuid(): pgcrypto is on Supabase but not in every local server certsync runs on.
 
+-- nonce: the sealed notification's, for the records that came by one (a replay finds it taken); null for
+-- the records inserted in the reading or writing transaction itself, which cost no index entry for it.
 alter table private.access_audit
   add column operation text not null default 'read' check (operation in ('read', 'insert', 'update')),
-  add column nonce uuid not null default gen_random_uuid(),
-  add constraint access_audit_nonce_key unique (nonce);
+  add column nonce uuid;
+create unique index access_audit_nonce_idx on private.access_audit (nonce) where nonce is not null;
 comment on column private.access_audit.read_at is 'When the certification was read or written.';
 
 -- The sealing key: one row, made here from the server's strong random source, readable by the owner only.
@@ -81,13 +83,6 @@ begin
 end
 $$;
 
--- HMAC-SHA-256 under the audit key.
-create function private.access_audit_mac(p_message bytea) returns bytea
-language sql stable set search_path = ''
-as $$
-  select sha256(k.mac_outer || sha256(k.mac_inner || p_message)) from private.access_audit_key k
-$$;
-
 -- Record layout (bytes): 1 version (= 1) ‖ 8 read_at, µs since the epoch ‖ 16 reader ‖ 16 certification ‖
 -- 16 peer mentor ‖ 16 per foreign organisation (at least one). Sealed: nonce ‖ ciphertext ‖ tag, in hex.
 create function private.seal_access_record(p_record bytea) returns text
@@ -97,7 +92,9 @@ declare
   v_nonce bytea := uuid_send(gen_random_uuid());
   v_cipher bytea := private.access_audit_cipher(p_record, v_nonce);
 begin
-  return encode(v_nonce || v_cipher || private.access_audit_mac(v_nonce || v_cipher), 'hex');
+  return encode(v_nonce || v_cipher || (
+    select sha256(k.mac_outer || sha256(k.mac_inner || v_nonce || v_cipher)) from private.access_audit_key k
+  ), 'hex');
 end
 $$;
 
@@ -124,7 +121,9 @@ begin
   end if;
   v_nonce := substring(v_sealed from 1 for 16);
   v_cipher := substring(v_sealed from 17 for length(v_sealed) - 48);
-  if substring(v_sealed from length(v_sealed) - 31) <> private.access_audit_mac(v_nonce || v_cipher) then
+  if substring(v_sealed from length(v_sealed) - 31) is distinct from (
+    select sha256(k.mac_outer || sha256(k.mac_inner || v_nonce || v_cipher)) from private.access_audit_key k
+  ) then
     return false;
   end if;
   v_record := private.access_audit_cipher(v_cipher, v_nonce);
@@ -143,7 +142,7 @@ begin
     array(select encode(substring(v_record from 58 + 16 * i for 16), 'hex')::uuid
           from generate_series(0, (length(v_record) - 57) / 16 - 1) as i order by i),
     'read')
-  on conflict (nonce) do nothing;
+  on conflict (nonce) where nonce is not null do nothing;
   return found;
 end
 $$;
@@ -191,23 +190,38 @@ as $$
 declare
   v_reader uuid := (select auth.uid());
   v_foreign uuid[];
+  v_token text;
 begin
-  if v_reader is null or not private.access_audit_enabled() then
+  if v_reader is null
+     or not coalesce((select s.value = 'true'::jsonb from private.settings s where s.key = 'access_audit_enabled'),
+                     false) then
     return true;
   end if;
-  -- Only a certification of that mentor, whom the caller coordinates (not themselves).
-  if not exists (
-    select 1
-    from public.certifications cert
-    join public.peer_mentors pm on pm.id = cert.peer_mentor_id
-    join public.chapter_memberships theirs on theirs.user_id = pm.user_id and theirs.role = 'peer_mentor'
-    join public.chapter_memberships mine on mine.chapter_id = theirs.chapter_id and mine.role = 'coordinator'
-    where cert.id = p_certification_id and cert.peer_mentor_id = p_peer_mentor_id
-      and mine.user_id = v_reader and pm.user_id <> v_reader
-  ) then
-    return true;
-  end if;
-  v_foreign := private.foreign_organisation_ids(v_reader, p_peer_mentor_id);
+  -- One statement, written out rather than calling the helpers (foreign_organisation_ids() and the
+  -- policies' own): this runs once per cross-organisation row, and each function call would cost as
+  -- much as the lookups themselves (docs/security.md, "Its cost"). Only a certification of that mentor,
+  -- whom the caller coordinates (not themselves), and only the mentor's organisations the caller is not in.
+  select array_agg(distinct c.organisation_id order by c.organisation_id) into v_foreign
+  from public.certifications cert
+  join public.peer_mentors pm on pm.id = cert.peer_mentor_id
+  join public.chapter_memberships m on m.user_id = pm.user_id
+  join public.chapters c on c.id = m.chapter_id
+  where cert.id = p_certification_id
+    and cert.peer_mentor_id = p_peer_mentor_id
+    and pm.user_id <> v_reader
+    and exists (
+      select 1
+      from public.chapter_memberships theirs
+      join public.chapter_memberships mine
+        on mine.chapter_id = theirs.chapter_id and mine.role = 'coordinator' and mine.user_id = v_reader
+      where theirs.user_id = pm.user_id and theirs.role = 'peer_mentor'
+    )
+    and not exists (
+      select 1
+      from public.chapter_memberships mine
+      join public.chapters mine_c on mine_c.id = mine.chapter_id
+      where mine.user_id = v_reader and mine_c.organisation_id = c.organisation_id
+    );
   if v_foreign is null then
     return true;
   end if;
@@ -215,25 +229,18 @@ begin
     -- PostgREST runs GETs read-only, where no table can be written, and refusing the read would be worse
     -- than not recording it: the sealed record goes to the recorder (certsync worker) by NOTIFY and to the
     -- server log, from which private.record_access_notification() can recover it if no recorder ran.
-    perform private.announce_access_read(private.seal_access_record(
+    v_token := private.seal_access_record(
       '\x01'::bytea
       || int8send((extract(epoch from now()) * 1000000)::bigint)
       || uuid_send(v_reader) || uuid_send(p_certification_id) || uuid_send(p_peer_mentor_id)
-      || (select string_agg(uuid_send(o), ''::bytea order by o) from unnest(v_foreign) as o)));
+      || (select string_agg(uuid_send(o), ''::bytea order by o) from unnest(v_foreign) as o));
+    raise log 'certsync_access_audit sealed=%', v_token;
+    perform pg_notify('certsync_access_audit', v_token);
   else
     insert into private.access_audit (reader_id, certification_id, peer_mentor_id, foreign_organisation_ids)
     values (v_reader, p_certification_id, p_peer_mentor_id, v_foreign);
   end if;
   return true;
-end
-$$;
-
-create function private.announce_access_read(p_token text) returns void
-language plpgsql volatile set search_path = ''
-as $$
-begin
-  raise log 'certsync_access_audit sealed=%', p_token;
-  perform pg_notify('certsync_access_audit', p_token);
 end
 $$;
 
@@ -281,9 +288,9 @@ as $$
 $$;
 
 -- PostgreSQL lets PUBLIC execute every new function; none of these is for the API roles.
-revoke all on function private.access_audit_cipher(bytea, bytea), private.access_audit_mac(bytea),
+revoke all on function private.access_audit_cipher(bytea, bytea),
   private.foreign_organisation_ids(uuid, uuid),
   private.seal_access_record(bytea), private.record_access_notification(text),
-  private.announce_access_read(text), private.audit_certification_writes(),
+  private.audit_certification_writes(),
   private.cross_organisation_reads(timestamptz)
   from public, anon, authenticated;

@@ -155,7 +155,6 @@ def test_only_the_database_owner_may_flip_the_emergency_and_audit_switches(super
         "private.cross_organisation_reads(timestamptz)",
         "private.record_access_notification(text)",
         "private.seal_access_record(bytea)",
-        "private.announce_access_read(text)",
     ]
     granted = [
         (role, fn)
