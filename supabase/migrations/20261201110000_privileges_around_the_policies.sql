@@ -160,24 +160,6 @@ as $$
     and c.organisation_id not in (select private.my_organisation_ids())
 $$;
 
--- The organisations a mentor belongs to in which a user holds no membership (null when none): what makes
--- a read or a write of that mentor's certification a cross-organisation one.
-create function private.foreign_organisation_ids(p_user_id uuid, p_peer_mentor_id uuid) returns uuid[]
-language sql stable set search_path = ''
-as $$
-  select array_agg(distinct c.organisation_id order by c.organisation_id)
-  from public.peer_mentors pm
-  join public.chapter_memberships m on m.user_id = pm.user_id
-  join public.chapters c on c.id = m.chapter_id
-  where pm.id = p_peer_mentor_id
-    and not exists (
-      select 1
-      from public.chapter_memberships mine
-      join public.chapters mine_c on mine_c.id = mine.chapter_id
-      where mine.user_id = p_user_id and mine_c.organisation_id = c.organisation_id
-    )
-$$;
-
 -- Called by the certifications SELECT policy for the rows of cross_organisation_mentor_ids(), and
 -- callable directly by any signed-in user (a policy's functions run with the caller's privileges). So it
 -- trusts neither argument: it records only a certification that belongs to that mentor whom the caller
@@ -197,9 +179,8 @@ begin
                      false) then
     return true;
   end if;
-  -- One statement, written out rather than calling the helpers (foreign_organisation_ids() and the
-  -- policies' own): this runs once per cross-organisation row, and each function call would cost as
-  -- much as the lookups themselves (docs/security.md, "Its cost"). Only a certification of that mentor,
+  -- One statement, written out rather than calling the policies' helpers: this runs once per
+  -- cross-organisation row, and each function call would cost as much as the lookups themselves (docs/security.md, "Its cost"). Only a certification of that mentor,
   -- whom the caller coordinates (not themselves), and only the mentor's organisations the caller is not in.
   select array_agg(distinct c.organisation_id order by c.organisation_id) into v_foreign
   from public.certifications cert
@@ -257,10 +238,20 @@ begin
     return null;
   end if;
   insert into private.access_audit (reader_id, certification_id, peer_mentor_id, foreign_organisation_ids, operation)
-  select v_writer, w.id, w.peer_mentor_id, w.foreign_ids, lower(tg_op)
-  from (select n.id, n.peer_mentor_id, private.foreign_organisation_ids(v_writer, n.peer_mentor_id) as foreign_ids
-        from new_rows n) w
-  where w.foreign_ids is not null;
+  -- One set-based statement for the whole write: the writer's organisations are hashed once.
+  select v_writer, n.id, n.peer_mentor_id, array_agg(distinct c.organisation_id order by c.organisation_id),
+         lower(tg_op)
+  from new_rows n
+  join public.peer_mentors pm on pm.id = n.peer_mentor_id
+  join public.chapter_memberships m on m.user_id = pm.user_id
+  join public.chapters c on c.id = m.chapter_id
+  where c.organisation_id not in (
+    select mine_c.organisation_id
+    from public.chapter_memberships mine
+    join public.chapters mine_c on mine_c.id = mine.chapter_id
+    where mine.user_id = v_writer
+  )
+  group by n.id, n.peer_mentor_id;
   return null;
 end
 $$;
@@ -289,7 +280,6 @@ $$;
 
 -- PostgreSQL lets PUBLIC execute every new function; none of these is for the API roles.
 revoke all on function private.access_audit_cipher(bytea, bytea),
-  private.foreign_organisation_ids(uuid, uuid),
   private.seal_access_record(bytea), private.record_access_notification(text),
   private.audit_certification_writes(),
   private.cross_organisation_reads(timestamptz)
