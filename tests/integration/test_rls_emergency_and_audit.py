@@ -8,8 +8,12 @@ cross-organisation read.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
+from uuid import UUID
 
 import psycopg
 import pytest
@@ -34,7 +38,7 @@ pytestmark = pytest.mark.integration
 Conn = psycopg.Connection[Any]
 
 CROSS_ORGANISATION_READS = (
-    "select reader_id, certification_id, peer_mentor_id, foreign_organisation_ids"
+    "select reader_id, certification_id, peer_mentor_id, foreign_organisation_ids, operation"
     " from private.cross_organisation_reads(now() - interval '1 day')"
 )
 
@@ -103,14 +107,19 @@ def enable_audit(superuser: Conn) -> None:
     superuser.execute("select private.set_access_audit(true)")
 
 
-def shared_mentor_read(world: TwoOrganisations) -> tuple[Any, ...]:
-    """The audit row for coordinator_a1 reading the shared mentor's certification."""
+def shared_mentor_access(world: TwoOrganisations, operation: str = "read") -> tuple[Any, ...]:
+    """The audit row for coordinator_a1 reading (or writing) the shared mentor's certification."""
     return (
         world.coordinator_a1,
         world.cert_shared,
         world.shared_mentor.peer_mentor_id,
         [world.organisation_b],
+        operation,
     )
+
+
+def recorded(superuser: Conn) -> list[tuple[Any, ...]]:
+    return rows(superuser, CROSS_ORGANISATION_READS)
 
 
 def test_audit_is_off_by_default_and_records_nothing(
@@ -118,7 +127,9 @@ def test_audit_is_off_by_default_and_records_nothing(
 ) -> None:
     with as_user(api, world.coordinator_a1) as c:
         assert world.cert_shared in visible_certification_ids(c)
-    assert rows(superuser, CROSS_ORGANISATION_READS) == []
+        touch_certifications(c, {world.cert_shared})
+        insert_certification(c, world.shared_mentor.peer_mentor_id)
+    assert recorded(superuser) == []
 
 
 def test_audit_records_a_cross_organisation_read_and_lists_it(
@@ -127,7 +138,7 @@ def test_audit_records_a_cross_organisation_read_and_lists_it(
     enable_audit(superuser)
     with as_user(api, world.coordinator_a1) as c:
         assert visible_certification_ids(c) == {world.cert_a1, world.cert_shared}
-    assert rows(superuser, CROSS_ORGANISATION_READS) == [shared_mentor_read(world)]
+    assert recorded(superuser) == [shared_mentor_access(world)]
 
 
 def test_audit_does_not_record_a_read_within_the_readers_own_organisations(
@@ -137,7 +148,7 @@ def test_audit_does_not_record_a_read_within_the_readers_own_organisations(
     coordinator_a2 = hierarchy.coordinator(world.chapter_a2)
     with as_user(api, coordinator_a2) as c:
         assert visible_certification_ids(c) == {world.cert_a2}
-    assert rows(superuser, CROSS_ORGANISATION_READS) == []
+    assert recorded(superuser) == []
 
 
 def test_audit_does_not_record_a_mentor_reading_their_own_certification(
@@ -146,7 +157,7 @@ def test_audit_does_not_record_a_mentor_reading_their_own_certification(
     enable_audit(superuser)
     with as_user(api, world.shared_mentor.user_id) as c:
         assert visible_certification_ids(c) == {world.cert_shared}
-    assert rows(superuser, CROSS_ORGANISATION_READS) == []
+    assert recorded(superuser) == []
 
 
 def test_audit_does_not_refuse_a_read_in_a_read_only_transaction_as_postgrest_runs_gets(
@@ -155,6 +166,51 @@ def test_audit_does_not_refuse_a_read_in_a_read_only_transaction_as_postgrest_ru
     enable_audit(superuser)
     with as_user(api, world.coordinator_a1, read_only=True) as c:
         assert visible_certification_ids(c) == {world.cert_a1, world.cert_shared}
+
+
+def test_audit_records_a_coordinators_update_of_a_shared_mentors_certification(
+    superuser: Conn, api: Conn, world: TwoOrganisations
+) -> None:
+    enable_audit(superuser)
+    with as_user(api, world.coordinator_a1) as c:
+        assert touch_certifications(c, {world.cert_shared, world.cert_a1}) == {
+            world.cert_shared,
+            world.cert_a1,
+        }
+    # An update that names its rows reads them (WHERE), and RETURNING checks the new rows against the
+    # SELECT policy too: each is recorded as a read, besides the one update.
+    found = recorded(superuser)
+    assert [r for r in found if r[4] == "update"] == [shared_mentor_access(world, "update")]
+    assert {tuple(map(str, r)) for r in found if r[4] != "update"} == {
+        tuple(map(str, shared_mentor_access(world, "read")))
+    }
+
+
+def test_audit_records_a_coordinators_insert_of_a_shared_mentors_certification(
+    superuser: Conn, api: Conn, world: TwoOrganisations
+) -> None:
+    enable_audit(superuser)
+    with as_user(api, world.coordinator_a1) as c:
+        insert_certification(c, world.shared_mentor.peer_mentor_id)
+        insert_certification(c, world.mentor_a1.peer_mentor_id)
+    [(reader, certification, mentor, foreign, operation)] = recorded(superuser)
+    assert (reader, mentor, foreign, operation) == (
+        world.coordinator_a1,
+        world.shared_mentor.peer_mentor_id,
+        [world.organisation_b],
+        "insert",
+    )
+    assert certification not in world.all_certifications
+
+
+def test_audit_does_not_record_writes_by_the_service(
+    superuser: Conn, api: Conn, world: TwoOrganisations
+) -> None:
+    enable_audit(superuser)
+    with acting_as(api, "service_role", claims_for(None, "service_role")) as c:
+        touch_certifications(c)
+    touch_certifications(superuser)
+    assert recorded(superuser) == []
 
 
 def read_only_read_notifications(superuser: Conn, api: Conn, world: TwoOrganisations) -> list[str]:
@@ -166,19 +222,26 @@ def read_only_read_notifications(superuser: Conn, api: Conn, world: TwoOrganisat
     return [n.payload for n in superuser.notifies(timeout=5, stop_after=1)]
 
 
-def test_audit_in_a_read_only_transaction_notifies_listeners_of_the_cross_organisation_read(
+def spellings(value: UUID) -> list[str]:
+    """The ways an id could be written into a text payload."""
+    return [str(value), value.hex, base64.b64encode(value.bytes).decode()[:20], value.bytes.hex()]
+
+
+def test_a_listener_overhears_nothing_of_who_read_what_in_a_read_only_read(
     superuser: Conn, api: Conn, world: TwoOrganisations
 ) -> None:
+    # LISTEN needs no privilege: any session may listen. What it hears must name nobody and nothing.
     enable_audit(superuser)
-    payloads = [json.loads(p) for p in read_only_read_notifications(superuser, api, world)]
-    assert payloads == [
-        {
-            "reader_id": str(world.coordinator_a1),
-            "certification_id": str(world.cert_shared),
-            "peer_mentor_id": str(world.shared_mentor.peer_mentor_id),
-            "foreign_organisation_ids": [str(world.organisation_b)],
-        }
+    [payload] = read_only_read_notifications(superuser, api, world)
+    secrets = [
+        world.coordinator_a1,
+        world.cert_shared,
+        world.shared_mentor.peer_mentor_id,
+        world.organisation_a,
+        world.organisation_b,
     ]
+    assert [s for value in secrets for s in spellings(value) if s.lower() in payload.lower()] == []
+    assert read_only_read_notifications(superuser, api, world) != [payload]  # no two alike
 
 
 def test_a_read_only_reads_notification_recorded_by_a_listener_is_listed(
@@ -186,8 +249,10 @@ def test_a_read_only_reads_notification_recorded_by_a_listener_is_listed(
 ) -> None:
     enable_audit(superuser)
     for payload in read_only_read_notifications(superuser, api, world):
-        superuser.execute("select private.record_cross_organisation_read(%s)", (payload,))
-    assert rows(superuser, CROSS_ORGANISATION_READS) == [shared_mentor_read(world)]
+        assert rows(superuser, "select private.record_access_notification(%s)", (payload,)) == [(True,)]
+        # The same notification again (a replay, or the server log recovered twice) adds nothing.
+        assert rows(superuser, "select private.record_access_notification(%s)", (payload,)) == [(False,)]
+    assert recorded(superuser) == [shared_mentor_access(world)]
 
 
 def test_authenticated_cannot_read_the_audit(api: Conn, world: TwoOrganisations) -> None:
@@ -195,9 +260,22 @@ def test_authenticated_cannot_read_the_audit(api: Conn, world: TwoOrganisations)
         c.execute(CROSS_ORGANISATION_READS)
 
 
-async def test_the_workers_audit_recorder_persists_a_read_only_cross_organisation_read(
+@pytest.mark.parametrize(
+    "write", ["insert into private.access_audit default values", "delete from private.access_audit"]
+)
+def test_authenticated_cannot_write_the_audit(api: Conn, world: TwoOrganisations, write: str) -> None:
+    with pytest.raises(errors.InsufficientPrivilege), as_user(api, world.coordinator_a1) as c:
+        c.execute(write)
+
+
+# The worker's recorder, as it runs beside the worker ---------------------------------------------------
+
+
+@asynccontextmanager
+async def running_recorder(
     superuser: Conn, api: Conn, world: TwoOrganisations, database_url: str
-) -> None:
+) -> AsyncIterator[AccessAuditRecorder]:
+    """The recorder, started and seen recording one genuine read-only read (then forgotten)."""
     enable_audit(superuser)
     recorder = AccessAuditRecorder(database_url)
     stop = asyncio.Event()
@@ -207,9 +285,69 @@ async def test_the_workers_audit_recorder_persists_a_read_only_cross_organisatio
             await asyncio.sleep(0.05)
             with as_user(api, world.coordinator_a1, read_only=True) as c:
                 visible_certification_ids(c)
-            if recorder.recorded:
+            if recorded(superuser):
                 break
+        assert recorded(superuser), "the recorder never recorded a read"
+        await asyncio.sleep(1.5)  # longer than it gathers notifications for: every read sent has arrived
+        superuser.execute("truncate private.access_audit")
+        yield recorder
     finally:
         stop.set()
         await task
-    assert rows(superuser, CROSS_ORGANISATION_READS)[0] == shared_mentor_read(world)
+
+
+async def eventually_recorded(superuser: Conn, seconds: float = 3.0) -> list[tuple[Any, ...]]:
+    for _ in range(int(seconds / 0.05)):
+        if found := recorded(superuser):
+            return found
+        await asyncio.sleep(0.05)
+    return []
+
+
+async def test_the_workers_audit_recorder_persists_a_read_only_cross_organisation_read(
+    superuser: Conn, api: Conn, world: TwoOrganisations, database_url: str
+) -> None:
+    async with running_recorder(superuser, api, world, database_url):
+        with as_user(api, world.coordinator_a1, read_only=True) as c:
+            visible_certification_ids(c)
+        assert await eventually_recorded(superuser) == [shared_mentor_access(world)]
+
+
+async def test_a_malformed_notification_does_not_stop_the_recorder(
+    superuser: Conn, api: Conn, world: TwoOrganisations, database_url: str
+) -> None:
+    async with running_recorder(superuser, api, world, database_url):
+        with as_user(api, world.coordinator_b1) as c:
+            c.execute("notify certsync_access_audit, 'not even json'")
+            c.execute("select pg_notify('certsync_access_audit', '{\"reader_id\": 1}')")
+        # A genuine read right behind the garbage: once, the garbage dropped the listener and this was lost.
+        with as_user(api, world.coordinator_a1, read_only=True) as c:
+            visible_certification_ids(c)
+        assert await eventually_recorded(superuser) == [shared_mentor_access(world)]
+
+
+async def test_a_forged_notification_is_not_recorded(
+    superuser: Conn, api: Conn, world: TwoOrganisations, database_url: str
+) -> None:
+    forged = json.dumps(
+        {
+            "reader_id": str(world.coordinator_b1),  # framing another coordinator
+            "certification_id": str(world.cert_a1),
+            "peer_mentor_id": str(world.mentor_a1.peer_mentor_id),
+            "foreign_organisation_ids": [str(world.organisation_a)],
+        }
+    )
+    async with running_recorder(superuser, api, world, database_url) as recorder:
+        heard: list[str] = []
+        superuser.execute("listen certsync_access_audit")
+        with as_user(api, world.coordinator_a1, read_only=True) as c:
+            visible_certification_ids(c)
+        heard = [n.payload for n in superuser.notifies(timeout=5, stop_after=1)]
+        with as_user(api, world.coordinator_b1) as c:
+            c.execute("select pg_notify('certsync_access_audit', %s)", (forged,))
+            for genuine in heard:  # a genuine notification replayed by someone who overheard it
+                c.execute("select pg_notify('certsync_access_audit', %s)", (genuine,))
+        await eventually_recorded(superuser)
+        await asyncio.sleep(0.5)  # time for the forgery to arrive, were it to be recorded
+        assert recorded(superuser) == [shared_mentor_access(world)]
+        assert recorder.rejected >= 1

@@ -153,7 +153,8 @@ def test_only_the_database_owner_may_flip_the_emergency_and_audit_switches(super
         "private.lift_lockdown(regclass)",
         "private.set_access_audit(boolean)",
         "private.cross_organisation_reads(timestamptz)",
-        "private.record_cross_organisation_read(jsonb)",
+        "private.record_access_notification(text)",
+        "private.seal_access_record(bytea)",
     ]
     granted = [
         (role, fn)

@@ -3,19 +3,38 @@
 -- Mirrors Supabase's definitions (supabase/postgres: roles, auth.uid(), auth.jwt(), auth.role();
 -- supabase/auth: auth.users).
 
+-- The API roles as Supabase has them since 2023 (supabase/postgres 20230529180330): INHERIT, so that a
+-- privilege granted to a role they are members of counts for them here as it does there.
 do $$
 begin
   if not exists (select 1 from pg_roles where rolname = 'anon') then
-    create role anon nologin noinherit;
+    create role anon nologin inherit;
   end if;
   if not exists (select 1 from pg_roles where rolname = 'authenticated') then
-    create role authenticated nologin noinherit;
+    create role authenticated nologin inherit;
   end if;
   if not exists (select 1 from pg_roles where rolname = 'service_role') then
-    create role service_role nologin noinherit bypassrls;
+    create role service_role nologin inherit bypassrls;
   end if;
 exception when duplicate_object then
   null;  -- another database of this cluster created them concurrently (roles are cluster-wide)
+end
+$$;
+
+do $$
+declare
+  v_role text;
+begin
+  -- Roles an older version of these shims created NOINHERIT.
+  foreach v_role in array array['anon', 'authenticated', 'service_role'] loop
+    if exists (select 1 from pg_roles where rolname = v_role and not rolinherit) then
+      begin
+        execute format('alter role %I inherit', v_role);
+      exception when others then
+        null;  -- altered concurrently by another database's shims, or not ours to alter: best effort
+      end;
+    end if;
+  end loop;
 end
 $$;
 
@@ -73,8 +92,11 @@ $$;
 
 grant execute on function auth.uid(), auth.role(), auth.jwt() to anon, authenticated, service_role;
 
--- Supabase grants the API roles table privileges in `public` by default and relies on RLS; mirror it
--- so that migrations which revoke or grant explicitly behave the same here as there.
+-- Supabase's default privileges (supabase/postgres, init-scripts/00000000000000-initial-schema.sql): every
+-- table, function and sequence that the migrating role (there `postgres`) creates in `public` is granted
+-- ALL to the API roles, and RLS is relied on for rows. Mirrored for the role that runs these shims, which
+-- is the role that then runs the migrations, so that an object a migration forgets to revoke is as open
+-- here as it would be there (tests/integration/test_privileges.py checks that it is).
 grant usage on schema public to anon, authenticated, service_role;
 alter default privileges in schema public grant all on tables to anon, authenticated, service_role;
 alter default privileges in schema public grant all on functions to anon, authenticated, service_role;
