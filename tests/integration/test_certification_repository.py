@@ -20,6 +20,7 @@ from certsync.resilience.testing import ManualClock
 from certsync.store.certifications import CertificationRepository
 from certsync.store.errors import NotFound
 from certsync.store.pool import Pool
+from tests.support.seed import rules_disabled
 
 pytestmark = pytest.mark.integration
 
@@ -77,8 +78,12 @@ async def stored(pool: Pool, certification_id: UUID) -> dict[str, object]:
 
 
 async def set_history_length(pool: Pool, certification_id: UUID, length: int) -> None:
-    """Fill the history with ``length`` valid v1 entries, as years of renewals would have."""
-    async with pool.connection() as conn:
+    """Fill the history with ``length`` valid v1 entries, as years of renewals would have.
+
+    Years of renewals in one statement is not a change the rules allow (one renewal per update), so
+    it goes through the documented repair path, as a data migration would.
+    """
+    async with pool.connection() as conn, rules_disabled(conn):
         await conn.execute(
             """
             update public.certifications
@@ -330,7 +335,8 @@ async def test_a_history_of_exactly_500_entries_logs_no_warning(
 async def test_a_stored_entry_without_schema_version_is_refused_on_read(
     repository: CertificationRepository, issued: UUID, pool: Pool
 ) -> None:
-    async with pool.connection() as conn:
+    # Written before the rules existed (the database refuses it now: renewal_entry_schema_version).
+    async with pool.connection() as conn, rules_disabled(conn):
         await conn.execute(
             """update public.certifications set renewal_history = '[{"renewed_at": "2020-01-01"}]'
                where id = %s""",
