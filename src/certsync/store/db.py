@@ -11,8 +11,11 @@ from certsync.store.pool import Pool
 from certsync.store.queries import query
 
 
-async def fetch(pool: Pool, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-    """Run the named query in its own transaction; the rows it returns (none for a plain statement)."""
+async def fetch(pool: Pool, name: str, params: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Run the named query in its own transaction; the rows it returns (none for a plain statement).
+
+    ``params`` None: the query is sent as it is, so it may hold several statements (a DDL script).
+    """
     try:
         async with pool.connection() as conn:
             cur = await conn.execute(query(name), params)
