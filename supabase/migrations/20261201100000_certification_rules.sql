@@ -4,11 +4,14 @@
 -- with the same rule names; one table of cases (tests/support/rule_cases.py) runs through both.
 --
 -- A violation fails the statement with SQLSTATE 23514 (check_violation; PostgREST answers 400) and the
--- message "<rule>: <why>"; the rule is also the error's constraint name. The statement fails, so the
--- outbox's capture trigger (AFTER … FOR EACH STATEMENT) never sees a refused change.
+-- message "<rule>: <why>"; the rule is also the error's constraint name. The whole statement fails, so
+-- no refused change reaches the outbox.
+--
+-- Set-based: the rules run once per statement over its transition tables (one hash join and a CASE
+-- per row), so the sweep's 100k-row UPDATE pays for a join, not for a PL/pgSQL call per row.
 --
 -- Repair path (documented in docs/security.md): the table owner may, in one transaction,
--- `alter table public.certifications disable trigger certifications_enforce_rules`, repair, and enable
+-- `alter table public.certifications disable trigger certifications_assert_rules`, repair, and enable
 -- it again. Nobody else can: disabling a trigger needs ownership of the table.
 
 -- "Today" for the date guards of `authenticated` writers: the association's day, as CERTSYNC_TIMEZONE.
@@ -50,173 +53,220 @@ begin
 end
 $$;
 
--- One appended renewal entry, checked as RenewalEntry.from_json reads it (schema version 1).
-create function private.check_renewal_entry(p_entry jsonb) returns void
+-- What is wrong with one appended renewal entry, as RenewalEntry.from_json reads it (schema version 1):
+-- "<rule>: <why>", or null.
+create function private.renewal_entry_violation(p_entry jsonb) returns text
 language plpgsql immutable set search_path = ''
 as $$
 declare
   v_field text;
 begin
   if pg_catalog.jsonb_typeof(p_entry) is distinct from 'object' then
-    perform private.refuse_certification_change('renewal_entry_malformed',
-      'renewal entry must be a JSON object, got ' || coalesce(pg_catalog.jsonb_typeof(p_entry), 'nothing'));
+    return 'renewal_entry_malformed: renewal entry must be a JSON object, got '
+      || coalesce(pg_catalog.jsonb_typeof(p_entry), 'nothing');
   end if;
   if not p_entry ? 'schema_version' then
-    perform private.refuse_certification_change('renewal_entry_schema_version',
-      'renewal entry has no schema_version');
+    return 'renewal_entry_schema_version: renewal entry has no schema_version';
   end if;
   if p_entry -> 'schema_version' <> '1'::jsonb then
-    perform private.refuse_certification_change('renewal_entry_schema_version',
-      'renewal entry schema_version ' || (p_entry -> 'schema_version')::text || ' is not supported (this code reads 1)');
+    return 'renewal_entry_schema_version: renewal entry schema_version '
+      || (p_entry -> 'schema_version')::text || ' is not supported (this code reads 1)';
   end if;
   foreach v_field in array array['renewed_at', 'previous_valid_until', 'new_valid_until', 'renewed_by'] loop
     if pg_catalog.jsonb_typeof(p_entry -> v_field) is distinct from 'string' then
-      perform private.refuse_certification_change('renewal_entry_malformed',
-        'renewal entry field ''' || v_field || ''' is missing or not text');
+      return 'renewal_entry_malformed: renewal entry field ''' || v_field || ''' is missing or not text';
     end if;
   end loop;
   if pg_catalog.jsonb_typeof(p_entry -> 'note') not in ('string', 'null') then
-    perform private.refuse_certification_change('renewal_entry_malformed', 'renewal entry note must be text or null');
+    return 'renewal_entry_malformed: renewal entry note must be text or null';
   end if;
+  -- The formats RenewalEntry.to_json writes and from_json accepts (the same patterns there).
   if (p_entry ->> 'renewed_at') !~ '^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}(:?\d{2})?)$' then
-    perform private.refuse_certification_change('renewal_entry_malformed',
-      'renewal entry renewed_at must be an ISO 8601 timestamp with its UTC offset');
+    return 'renewal_entry_malformed: renewal entry renewed_at must be a timezone-aware ISO 8601 timestamp (with its UTC offset)';
   end if;
-  if (p_entry ->> 'previous_valid_until') !~ '^\d{4}-\d{2}-\d{2}$' or (p_entry ->> 'new_valid_until') !~ '^\d{4}-\d{2}-\d{2}$' then
-    perform private.refuse_certification_change('renewal_entry_malformed',
-      'renewal entry valid_until fields must be ISO dates (YYYY-MM-DD)');
+  if (p_entry ->> 'previous_valid_until') !~ '^\d{4}-\d{2}-\d{2}$'
+     or (p_entry ->> 'new_valid_until') !~ '^\d{4}-\d{2}-\d{2}$' then
+    return 'renewal_entry_malformed: renewal entry is malformed: valid_until fields must be ISO dates (YYYY-MM-DD)';
+  end if;
+  if (p_entry ->> 'renewed_by') !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' then
+    return 'renewal_entry_malformed: renewal entry is malformed: renewed_by must be a uuid';
   end if;
   begin
     perform (p_entry ->> 'renewed_at')::timestamptz, (p_entry ->> 'previous_valid_until')::date,
-      (p_entry ->> 'new_valid_until')::date, (p_entry ->> 'renewed_by')::uuid;
+      (p_entry ->> 'new_valid_until')::date;
   exception when data_exception then
-    perform private.refuse_certification_change('renewal_entry_malformed', 'renewal entry is malformed: ' || sqlerrm);
+    return 'renewal_entry_malformed: renewal entry is malformed: ' || sqlerrm;
   end;
+  return null;
 end
 $$;
 
--- The rules, in the order of the domain's appended_renewal() then check_change().
---
--- security definer: every writer passes through it, and service_role has no USAGE on `private`. The
--- writer is still known: PostgREST (and the tests) `set local role`, which a security definer function
--- does not change, so current_setting('role') is `authenticated` for a coordinator's request. The date
--- guards apply to those writers; certsync's own writers (service role, owner) decide them in Python,
--- with their injected clock and the configured zone, and the sweep passes its own "today".
-create function private.enforce_certification_rules() returns trigger
-language plpgsql security definer set search_path = ''
+-- What is wrong with a change of renewal_history (domain: appended_renewal): "<rule>: <why>", or null
+-- when it appends one well-formed entry recording the change of valid_until. Called only for the rows
+-- whose history changed.
+create function private.renewal_history_violation(
+  p_history jsonb, p_new_history jsonb, p_valid_until date, p_new_valid_until date
+) returns text
+language plpgsql immutable set search_path = ''
 as $$
 declare
-  v_kept int := pg_catalog.jsonb_array_length(old.renewal_history);
-  v_length int := pg_catalog.jsonb_array_length(new.renewal_history);
-  v_entry jsonb;
-  v_renewed boolean := false;
-  v_operation text;
-  v_rule record;
-  v_starts text;
-  v_dated boolean := pg_catalog.current_setting('role') in ('authenticated', 'anon');
-  v_today date;
+  v_kept int := pg_catalog.jsonb_array_length(p_history);
+  v_length int := pg_catalog.jsonb_array_length(p_new_history);
+  v_entry jsonb := p_new_history -> v_kept;
+  v_problem text;
+begin
+  -- Whole-array comparisons: each reads the (possibly TOASTed) arrays once, not once per entry.
+  if v_length <= v_kept or p_history is distinct from (
+    select coalesce(pg_catalog.jsonb_agg(e.entry order by e.i), '[]'::jsonb)
+    from pg_catalog.jsonb_array_elements(p_new_history) with ordinality as e (entry, i)
+    where e.i <= v_kept
+  ) then
+    return 'renewal_history_append_only: renewal history only grows by appending: '
+      || 'existing entries may not be edited or removed';
+  end if;
+  if v_length - v_kept > 1 then
+    return 'one_renewal_per_update: one renewal per update: ' || (v_length - v_kept) || ' entries appended at once';
+  end if;
+  v_problem := private.renewal_entry_violation(v_entry);
+  if v_problem is not null then
+    return v_problem;
+  end if;
+  if ((v_entry ->> 'previous_valid_until')::date, (v_entry ->> 'new_valid_until')::date)
+     is distinct from (p_valid_until, p_new_valid_until) then
+    return 'renewal_entry_matches_validity: the renewal entry records ' || (v_entry ->> 'previous_valid_until')
+      || ' → ' || (v_entry ->> 'new_valid_until') || ', the change is ' || p_valid_until || ' → ' || p_new_valid_until;
+  end if;
+  return null;
+end
+$$;
+
+-- Whether the writer is held to the association's day. PostgREST (and the tests) `set local role`,
+-- which a security definer function does not change, so current_setting('role') is `authenticated` for
+-- a coordinator's request. certsync's own writers (service role, owner) decide the date guards in
+-- Python, with their injected clock and zone, and the sweep passes its own "today".
+create function private.is_api_writer() returns boolean
+language sql stable set search_path = ''
+as $$
+  select pg_catalog.current_setting('role') in ('authenticated', 'anon')
+$$;
+
+-- The rules, once per UPDATE statement over its transition tables, in the order of the domain's
+-- appended_renewal() then check_change(). security definer: every writer passes through it, and
+-- service_role has no USAGE on `private`. Rows are matched on id, which the row trigger below keeps.
+-- Transition tables have no statistics: the planner would take them for a few rows and join 100k
+-- old rows to 100k new ones in a nested loop. Hash joins it is.
+create function private.enforce_certification_rules() returns trigger
+language plpgsql security definer set search_path = '' set enable_nestloop = off
+as $$
+declare
+  v_dated boolean := private.is_api_writer();
+  v_today date := private.association_today();
+  v_violation text;
+  v_long record;
+begin
+  with transitions as materialized (
+    select * from private.certification_transitions()
+  ),
+  starts as (
+    select t.operation,
+           pg_catalog.string_agg(t.from_status, '_or_' order by t.from_status collate "C") as names
+    from transitions t group by t.operation
+  )
+  select v.violation into v_violation
+  from old_rows o
+  join new_rows n on n.id = o.id
+  cross join lateral (
+    select o.renewal_history is distinct from n.renewal_history as renewed
+  ) r
+  -- A renewal, or the one operation whose target is the new status (domain: CHANGE_OPERATION).
+  cross join lateral (
+    select case when r.renewed then 'renew' else case n.status
+      when 'active' then 'reinstate' when 'suspended' then 'suspend' when 'expired' then 'expire'
+      else 'revoke' end end as operation
+  ) op
+  left join transitions t on t.operation = op.operation and t.from_status = o.status
+  left join starts s on s.operation = op.operation
+  cross join lateral (
+    select case when r.renewed then private.renewal_history_violation(
+      o.renewal_history, n.renewal_history, o.valid_until, n.valid_until) end as history
+  ) h
+  cross join lateral (
+    select case
+      when h.history is not null
+        then h.history
+      when o.status = 'revoked'
+           and (n.status, n.valid_from, n.valid_until, n.certification_type, r.renewed)
+               is distinct from (o.status, o.valid_from, o.valid_until, o.certification_type, false)
+        then 'revoked_is_final: cannot change a revoked certification: revoked is final'
+      when not r.renewed and n.valid_until <> o.valid_until
+        then 'validity_changes_only_by_renewal: valid_until changes only by a renewal, which appends its entry'
+      when not r.renewed and n.status = o.status
+        then null
+      when t.operation is null
+        then op.operation || '_applies_only_to_' || s.names || ': cannot ' || op.operation || ': '
+          || o.status || ' → ' || n.status || ' is not allowed: ' || op.operation || ' applies only to '
+          || pg_catalog.replace(s.names, '_or_', ' or ') || ' certifications'
+      when v_dated and t.guard = 'validity_not_passed' and o.valid_until < v_today
+        then 'validity_not_passed: cannot ' || op.operation || ': validity ended on ' || o.valid_until
+          || '; renew it instead'
+      when v_dated and t.guard = 'validity_passed' and o.valid_until >= v_today
+        then 'validity_passed: cannot ' || op.operation || ': still valid until ' || o.valid_until
+      when r.renewed and n.valid_until < o.valid_until
+        then 'renewal_never_shortens_validity: new valid_until ' || n.valid_until
+          || ' would shorten validity ending ' || o.valid_until
+      when r.renewed and v_dated and n.valid_until < v_today
+        then 'renewal_end_not_passed: new valid_until ' || n.valid_until || ' has already passed'
+      when r.renewed and n.status <> t.to_status
+        then 'renewal_status: a renewal leaves a ' || o.status || ' certification ' || t.to_status
+    end as violation
+  ) v
+  where v.violation is not null
+  limit 1;
+
+  if v_violation is not null then
+    perform private.refuse_certification_change(pg_catalog.split_part(v_violation, ': ', 1),
+      pg_catalog.substr(v_violation, pg_catalog.strpos(v_violation, ': ') + 2));
+  end if;
+
+  -- domain: RENEWAL_HISTORY_WARNING_THRESHOLD; a signal, not a refusal.
+  for v_long in
+    select n.id, pg_catalog.jsonb_array_length(n.renewal_history) as entries
+    from old_rows o join new_rows n on n.id = o.id
+    where n.renewal_history is distinct from o.renewal_history
+      and pg_catalog.jsonb_array_length(n.renewal_history) > 500
+  loop
+    raise warning using message = 'renewal_history_long: certification ' || v_long.id || ' has '
+      || v_long.entries || ' renewal entries (threshold 500): see docs/renewal-history.md';
+  end loop;
+  return null;
+end
+$$;
+
+-- id, peer_mentor_id and created_at never change. The trigger's WHEN clause makes it fire only for a
+-- row that breaks the rule, so a valid update pays nothing for it.
+create function private.refuse_identity_change() returns trigger
+language plpgsql security definer set search_path = ''
+as $$
 begin
   if new.id is distinct from old.id then
     perform private.refuse_certification_change('id_is_immutable', 'a certification''s id never changes');
-  end if;
-  if new.peer_mentor_id is distinct from old.peer_mentor_id then
+  elsif new.peer_mentor_id is distinct from old.peer_mentor_id then
     perform private.refuse_certification_change('peer_mentor_id_is_immutable',
       'a certification never moves to another peer mentor; revoke it and issue a new one');
   end if;
-  if new.created_at is distinct from old.created_at then
-    perform private.refuse_certification_change('created_at_is_immutable', 'created_at never changes');
-  end if;
-
-  -- renewal_history: only one well-formed append at a time.
-  if new.renewal_history is distinct from old.renewal_history then
-    -- Whole-array comparisons: each reads the (possibly TOASTed) arrays once, not once per entry.
-    if v_length <= v_kept or old.renewal_history is distinct from (
-      select coalesce(pg_catalog.jsonb_agg(e.entry order by e.i), '[]'::jsonb)
-      from pg_catalog.jsonb_array_elements(new.renewal_history) with ordinality as e (entry, i)
-      where e.i <= v_kept
-    ) then
-      perform private.refuse_certification_change('renewal_history_append_only',
-        'renewal history only grows by appending: existing entries may not be edited or removed');
-    end if;
-    if v_length - v_kept > 1 then
-      perform private.refuse_certification_change('one_renewal_per_update',
-        'one renewal per update: ' || (v_length - v_kept) || ' entries appended at once');
-    end if;
-    v_entry := new.renewal_history -> v_kept;
-    perform private.check_renewal_entry(v_entry);
-    if ((v_entry ->> 'previous_valid_until')::date, (v_entry ->> 'new_valid_until')::date)
-       is distinct from (old.valid_until, new.valid_until) then
-      perform private.refuse_certification_change('renewal_entry_matches_validity',
-        'the renewal entry records ' || (v_entry ->> 'previous_valid_until') || ' → ' || (v_entry ->> 'new_valid_until')
-        || ', the change is ' || old.valid_until || ' → ' || new.valid_until);
-    end if;
-    v_renewed := true;
-  end if;
-
-  if old.status = 'revoked' and (new.status, new.valid_from, new.valid_until, new.certification_type, new.renewal_history)
-     is distinct from (old.status, old.valid_from, old.valid_until, old.certification_type, old.renewal_history) then
-    perform private.refuse_certification_change('revoked_is_final',
-      'cannot change a revoked certification: revoked is final');
-  end if;
-  if not v_renewed and new.valid_until is distinct from old.valid_until then
-    perform private.refuse_certification_change('validity_changes_only_by_renewal',
-      'valid_until changes only by a renewal, which appends its entry');
-  end if;
-  if not v_renewed and new.status = old.status then
-    return new;
-  end if;
-
-  -- A renewal, or the one operation whose target is the new status (domain: CHANGE_OPERATION).
-  v_operation := case when v_renewed then 'renew' else case new.status
-    when 'active' then 'reinstate' when 'suspended' then 'suspend' when 'expired' then 'expire' else 'revoke' end end;
-  select t.to_status, t.guard into v_rule
-  from private.certification_transitions() t where t.operation = v_operation and t.from_status = old.status;
-  if not found then
-    select pg_catalog.string_agg(t.from_status, '_or_' order by t.from_status collate "C") into v_starts
-    from private.certification_transitions() t where t.operation = v_operation;
-    perform private.refuse_certification_change(v_operation || '_applies_only_to_' || v_starts,
-      'cannot ' || v_operation || ': ' || old.status || ' → ' || new.status || ' is not allowed: '
-      || v_operation || ' applies only to ' || pg_catalog.replace(v_starts, '_or_', ' or ') || ' certifications');
-  end if;
-  if v_dated then
-    v_today := private.association_today();
-    if v_rule.guard = 'validity_not_passed' and old.valid_until < v_today then
-      perform private.refuse_certification_change('validity_not_passed',
-        'cannot ' || v_operation || ': validity ended on ' || old.valid_until || '; renew it instead');
-    elsif v_rule.guard = 'validity_passed' and old.valid_until >= v_today then
-      perform private.refuse_certification_change('validity_passed',
-        'cannot ' || v_operation || ': still valid until ' || old.valid_until);
-    end if;
-  end if;
-  if v_renewed then
-    if new.valid_until < old.valid_until then
-      perform private.refuse_certification_change('renewal_never_shortens_validity',
-        'new valid_until ' || new.valid_until || ' would shorten validity ending ' || old.valid_until);
-    end if;
-    if v_dated and new.valid_until < v_today then
-      perform private.refuse_certification_change('renewal_end_not_passed',
-        'new valid_until ' || new.valid_until || ' has already passed');
-    end if;
-    if new.status <> v_rule.to_status then
-      perform private.refuse_certification_change('renewal_status',
-        'a renewal leaves a ' || old.status || ' certification ' || v_rule.to_status);
-    end if;
-    if v_length > 500 then  -- domain: RENEWAL_HISTORY_WARNING_THRESHOLD; a signal, not a refusal
-      raise warning using message = 'renewal_history_long: certification ' || new.id || ' has '
-        || v_length || ' renewal entries (threshold 500): see docs/renewal-history.md';
-    end if;
-  end if;
-  return new;
+  perform private.refuse_certification_change('created_at_is_immutable', 'created_at never changes');
+  return null;
 end
 $$;
 
 -- Coordinators issue through the API as well: a new certification starts active with an empty history
--- (their INSERT privilege below leaves both to the defaults) and a validity that has not passed.
+-- (their INSERT privilege below leaves both to the defaults) and a validity that has not passed. The
+-- trigger fires only for API writers (its WHEN clause).
 create function private.enforce_certification_issue() returns trigger
 language plpgsql security definer set search_path = ''
 as $$
 begin
-  if pg_catalog.current_setting('role') in ('authenticated', 'anon') and new.valid_until < private.association_today() then
+  if new.valid_until < private.association_today() then
     perform private.refuse_certification_change('validity_not_passed',
       'cannot issue: validity ended on ' || new.valid_until);
   end if;
@@ -225,19 +275,30 @@ end
 $$;
 
 revoke all on function private.association_today(), private.certification_transitions(),
-  private.refuse_certification_change(text, text), private.check_renewal_entry(jsonb),
-  private.enforce_certification_rules(), private.enforce_certification_issue()
+  private.refuse_certification_change(text, text), private.renewal_entry_violation(jsonb),
+  private.renewal_history_violation(jsonb, jsonb, date, date), private.is_api_writer(),
+  private.enforce_certification_rules(), private.refuse_identity_change(),
+  private.enforce_certification_issue()
   from public, anon, authenticated;
 
--- BEFORE triggers fire in name order: "certifications_bump_version" < "certifications_enforce_rules",
--- so the rules see the version already bumped (they never look at it) and refuse before anything is
--- written; the AFTER statement trigger that writes the outbox runs only if every row passed.
-create trigger certifications_enforce_rules
+create trigger certifications_keep_identity
   before update on public.certifications
-  for each row execute function private.enforce_certification_rules();
+  for each row
+  when (old.id is distinct from new.id or old.peer_mentor_id is distinct from new.peer_mentor_id
+        or old.created_at is distinct from new.created_at)
+  execute function private.refuse_identity_change();
+-- AFTER statement triggers fire in name order: "certifications_assert_rules" before
+-- "certifications_capture_updates", so a refused statement stops before the outbox is written (and
+-- were it written, the failing statement would take it along).
+create trigger certifications_assert_rules
+  after update on public.certifications
+  referencing old table as old_rows new table as new_rows
+  for each statement execute function private.enforce_certification_rules();
 create trigger certifications_enforce_issue
   before insert on public.certifications
-  for each row execute function private.enforce_certification_issue();
+  for each row
+  when (pg_catalog.current_setting('role') in ('authenticated', 'anon'))
+  execute function private.enforce_certification_issue();
 
 -- Column privileges: a coordinator changes status, valid_until and renewal_history (suspend, reinstate,
 -- revoke, renew), and issues with the identifying and validity columns; id, version, timestamps, status

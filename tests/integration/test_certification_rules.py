@@ -157,12 +157,17 @@ def test_one_refused_row_refuses_the_whole_statement_and_the_outbox_sees_nothing
     assert statuses == [("active",), ("revoked",)]
 
 
-def test_the_rules_run_after_the_version_bump_and_before_the_outbox_capture(superuser: Conn) -> None:
-    rows = superuser.execute(
-        "select tgname from pg_trigger where tgrelid = 'public.certifications'::regclass and not tgisinternal"
-        " and tgtype & 2 = 2 and tgtype & 16 = 16 order by tgname"  # BEFORE, UPDATE
-    ).fetchall()
-    assert [r[0] for r in rows] == ["certifications_bump_version", "certifications_enforce_rules"]
+def test_the_rules_run_before_the_outbox_capture_and_identity_is_kept_per_row(superuser: Conn) -> None:
+    def triggers(where: str) -> list[str]:
+        rows = superuser.execute(
+            "select tgname from pg_trigger where tgrelid = 'public.certifications'::regclass"
+            f" and not tgisinternal and tgtype & 16 = 16 and {where} order by tgname"  # UPDATE triggers
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    # PostgreSQL fires triggers of one kind in name order.
+    assert triggers("tgtype & 3 = 0") == ["certifications_assert_rules", "certifications_capture_updates"]
+    assert triggers("tgtype & 3 = 3") == ["certifications_bump_version", "certifications_keep_identity"]
 
 
 def test_the_owner_repairs_through_the_documented_path_and_the_repair_is_captured(
@@ -171,11 +176,11 @@ def test_the_owner_repairs_through_the_documented_path_and_the_repair_is_capture
     superuser.execute("update public.certifications set status = 'revoked' where id = %s", (world.cert_a1,))
     before = events_of(superuser, [world.cert_a1])
     with superuser.transaction():
-        superuser.execute("alter table public.certifications disable trigger certifications_enforce_rules")
+        superuser.execute("alter table public.certifications disable trigger certifications_assert_rules")
         superuser.execute(
             "update public.certifications set status = 'active' where id = %s", (world.cert_a1,)
         )
-        superuser.execute("alter table public.certifications enable trigger certifications_enforce_rules")
+        superuser.execute("alter table public.certifications enable trigger certifications_assert_rules")
     assert events_of(superuser, [world.cert_a1]) == before + 1
     # The trigger is back: leaving `revoked` (set again, as a plain update may) is refused once more.
     superuser.execute("update public.certifications set status = 'revoked' where id = %s", (world.cert_a1,))
@@ -189,7 +194,7 @@ def test_the_owner_repairs_through_the_documented_path_and_the_repair_is_capture
 def test_no_api_role_can_take_the_repair_path(api: Conn, role: ApiRole) -> None:
     with pytest.raises(errors.InsufficientPrivilege, match="must be owner"):
         execute_as(
-            api, role, "alter table public.certifications disable trigger certifications_enforce_rules", ()
+            api, role, "alter table public.certifications disable trigger certifications_assert_rules", ()
         )
 
 

@@ -37,9 +37,9 @@ async def seed_certifications(
 async def rules_disabled(conn: psycopg.AsyncConnection[dict[str, object]]) -> AsyncIterator[None]:
     """The documented repair path (docs/security.md): the owner disables the rules trigger for one
     transaction, to plant rows as they were before the rules or as a data migration writes them."""
-    await conn.execute("alter table public.certifications disable trigger certifications_enforce_rules")
+    await conn.execute("alter table public.certifications disable trigger certifications_assert_rules")
     yield
-    await conn.execute("alter table public.certifications enable trigger certifications_enforce_rules")
+    await conn.execute("alter table public.certifications enable trigger certifications_assert_rules")
 
 
 async def set_status(pool: Pool, certification_ids: list[UUID], status: str) -> None:

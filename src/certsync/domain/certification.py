@@ -19,6 +19,7 @@ zone that decides "today") read from an injected clock, and persist what the dom
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -241,14 +242,30 @@ class RenewalEntry:
                 rule=_SCHEMA_VERSION_RULE,
             )
         note = data.get("note")
+        renewed_at, previous, new, renewed_by = (
+            _text(data, key)
+            for key in ("renewed_at", "previous_valid_until", "new_valid_until", "renewed_by")
+        )
         if note is not None and not isinstance(note, str):
             raise InvalidRenewalEntry("renewal entry note must be text or null")
+        # The formats to_json writes, and no others (the database's check uses the same patterns):
+        # fromisoformat alone would also take forms such as 20261129 that the database refuses.
+        if not _TIMESTAMP.fullmatch(renewed_at):
+            raise InvalidRenewalEntry(
+                "renewal entry renewed_at must be a timezone-aware ISO 8601 timestamp (with its UTC offset)"
+            )
+        if not (_DATE.fullmatch(previous) and _DATE.fullmatch(new)):
+            raise InvalidRenewalEntry(
+                "renewal entry is malformed: valid_until fields must be ISO dates (YYYY-MM-DD)"
+            )
+        if not _UUID.fullmatch(renewed_by):
+            raise InvalidRenewalEntry("renewal entry is malformed: renewed_by must be a uuid")
         try:
             return cls(
-                renewed_at=datetime.fromisoformat(_text(data, "renewed_at")),
-                previous_valid_until=date.fromisoformat(_text(data, "previous_valid_until")),
-                new_valid_until=date.fromisoformat(_text(data, "new_valid_until")),
-                renewed_by=UUID(_text(data, "renewed_by")),
+                renewed_at=datetime.fromisoformat(renewed_at),
+                previous_valid_until=date.fromisoformat(previous),
+                new_valid_until=date.fromisoformat(new),
+                renewed_by=UUID(renewed_by),
                 note=note,
             )
         except ValueError as exc:
@@ -256,6 +273,13 @@ class RenewalEntry:
 
 
 _SCHEMA_VERSION_RULE: Final = "renewal_entry_schema_version"
+_TIMESTAMP: Final = re.compile(
+    r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}(:?\d{2})?)", re.ASCII
+)
+_DATE: Final = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)
+_UUID: Final = re.compile(
+    r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.ASCII | re.IGNORECASE
+)
 
 
 def _text(data: Mapping[str, object], key: str) -> str:
