@@ -34,6 +34,7 @@ from certsync.resilience.gate import SendGate
 from certsync.resilience.instrumentation import Instrumentation
 from certsync.resilience.retry import RetryPolicy
 from certsync.settings import Settings
+from certsync.store import renewal_events as renewal_events  # noqa: PLC0414  (re-exported for its command)
 from certsync.store.audit import AccessAuditRecorder
 from certsync.store.breaker_state import PostgresBreakerStore
 from certsync.store.certifications import CertificationRepository

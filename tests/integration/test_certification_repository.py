@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import re
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
-from typing import cast
 from uuid import UUID, uuid4
 from zoneinfo import ZoneInfo
 
@@ -20,6 +17,7 @@ from certsync.resilience.testing import ManualClock
 from certsync.store.certifications import CertificationRepository
 from certsync.store.errors import NotFound
 from certsync.store.pool import Pool
+from tests.support.seed import rules_disabled
 
 pytestmark = pytest.mark.integration
 
@@ -77,8 +75,12 @@ async def stored(pool: Pool, certification_id: UUID) -> dict[str, object]:
 
 
 async def set_history_length(pool: Pool, certification_id: UUID, length: int) -> None:
-    """Fill the history with ``length`` valid v1 entries, as years of renewals would have."""
-    async with pool.connection() as conn:
+    """Fill the history with ``length`` valid v1 entries, as years of renewals would have.
+
+    Years of renewals in one statement is not a change the rules allow (one renewal per update), so
+    it goes through the documented repair path, as a data migration would.
+    """
+    async with pool.connection() as conn, rules_disabled(conn):
         await conn.execute(
             """
             update public.certifications
@@ -330,7 +332,8 @@ async def test_a_history_of_exactly_500_entries_logs_no_warning(
 async def test_a_stored_entry_without_schema_version_is_refused_on_read(
     repository: CertificationRepository, issued: UUID, pool: Pool
 ) -> None:
-    async with pool.connection() as conn:
+    # Written before the rules existed (the database refuses it now: renewal_entry_schema_version).
+    async with pool.connection() as conn, rules_disabled(conn):
         await conn.execute(
             """update public.certifications set renewal_history = '[{"renewed_at": "2020-01-01"}]'
                where id = %s""",
@@ -338,47 +341,3 @@ async def test_a_stored_entry_without_schema_version_is_refused_on_read(
         )
     with pytest.raises(InvalidRenewalEntry, match="has no schema_version"):
         await repository.get(issued)
-
-
-# --- the documented contingency (docs/renewal-history.md) ---------------------------------------
-
-RENEWAL_HISTORY_DOC = Path(__file__).resolve().parents[2] / "docs" / "renewal-history.md"
-
-
-def documented_sql(starting_with: str) -> str:
-    """The ```sql block of docs/renewal-history.md that starts with ``starting_with``."""
-    blocks = re.findall(r"```sql\n(.*?)```", RENEWAL_HISTORY_DOC.read_text(encoding="utf-8"), re.DOTALL)
-    [block] = [b for b in blocks if b.lstrip().startswith(starting_with)]
-    return str(block)
-
-
-async def test_the_documented_backfill_and_trigger_copy_every_entry_exactly_once(
-    repository: CertificationRepository, issued: UUID, today: date, pool: Pool
-) -> None:
-    await set_history_length(pool, issued, 3)
-    async with pool.connection() as conn:
-        await conn.execute(documented_sql("create table public.certification_renewal_events"))
-        await conn.execute(documented_sql("create function private.copy_new_renewal_entries"))
-    backfill = documented_sql("with batch as")
-    after, copied = UUID(int=0), 0
-    for _ in range(2):  # the second run finds everything copied already
-        async with pool.connection() as conn:
-            cur = await conn.execute(backfill, {"after_id": UUID(int=0), "batch_size": 1})
-            row = await cur.fetchone()
-        assert row is not None
-        after, copied = cast(UUID, row["last_id"]), copied + cast(int, row["entries_copied"])
-    await repository.renew(issued, new_valid_until=today + timedelta(400), renewed_by=OTHER_COORDINATOR)
-    async with pool.connection() as conn:
-        cur = await conn.execute(documented_sql("-- must return 0"))
-        mismatched = await cur.fetchone()
-        cur = await conn.execute(
-            "select ordinal, renewed_by from public.certification_renewal_events order by ordinal"
-        )
-        events = await cur.fetchall()
-    assert (after, copied, mismatched) == (issued, 3, {"count": 0})
-    assert [(e["ordinal"], e["renewed_by"]) for e in events] == [
-        (1, COORDINATOR),
-        (2, COORDINATOR),
-        (3, COORDINATOR),
-        (4, OTHER_COORDINATOR),
-    ]

@@ -4,9 +4,13 @@ would."""
 from __future__ import annotations
 
 import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import date
 from typing import cast
 from uuid import UUID
+
+import psycopg
 
 from certsync.store.pool import Pool
 
@@ -28,6 +32,15 @@ async def seed_certifications(
             (valid_until, status, count),
         )
         return [cast(UUID, r["id"]) for r in await cur.fetchall()]
+
+
+@asynccontextmanager
+async def rules_disabled(conn: psycopg.AsyncConnection[dict[str, object]]) -> AsyncIterator[None]:
+    """The documented repair path (docs/security.md): the owner disables the rules trigger for one
+    transaction, to plant rows as they were before the rules or as a data migration writes them."""
+    await conn.execute("alter table public.certifications disable trigger certifications_assert_rules")
+    yield
+    await conn.execute("alter table public.certifications enable trigger certifications_assert_rules")
 
 
 async def set_status(pool: Pool, certification_ids: list[UUID], status: str) -> None:
@@ -53,8 +66,7 @@ async def change_some(pool: Pool, certifications: list[UUID], rng: random.Random
     async with pool.connection() as conn:
         cur = await conn.execute(
             "update public.certifications"
-            " set status = case status when 'active' then 'suspended' else 'active' end,"
-            "     valid_until = valid_until + 1"
+            " set status = case status when 'active' then 'suspended' else 'active' end"
             " where id = any(%s)",
             (chosen,),
         )

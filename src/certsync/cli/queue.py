@@ -19,11 +19,10 @@ import typer
 from rich.console import Console
 from rich.json import JSON
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from certsync import app as composition
-from certsync.cli._common import cli, fail, load_settings, out, run
+from certsync.cli._common import cli, fail, load_settings, out, progress_bar, run
 from certsync.delivery.queue import (
     QUEUE_STATUSES,
     ReplayResult,
@@ -306,7 +305,7 @@ def replay(
             if replay_all:
                 selected = status or "pending"
                 total = await service.count(selected)
-                with _progress() as progress:
+                with progress_bar() as progress:
                     task = progress.add_task(f"replaying {selected} entries", total=total)
 
                     def on_result(result: ReplayResult) -> None:
@@ -329,17 +328,6 @@ def replay(
         out.print(f"[yellow]Stopped: {escape(summary.stopped_because)}[/]; the rest wait, unchanged.")
     if summary.failed or summary.stopped_because:
         raise typer.Exit(1)
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=out,
-        transient=True,
-    )
 
 
 @queue_cli.command()

@@ -1,7 +1,9 @@
 """Pure domain: certification states and transitions, renewal entries. Imports the standard library only."""
 
 from certsync.domain.certification import (
+    CHANGE_OPERATION,
     RENEWAL_ENTRY_SCHEMA_VERSION,
+    RENEWAL_HISTORY_WARNING_THRESHOLD,
     TRANSITIONS,
     Certification,
     CertificationStatus,
@@ -11,12 +13,17 @@ from certsync.domain.certification import (
     Operation,
     Renewal,
     RenewalEntry,
+    appended_renewal,
+    check_change,
+    history_is_long,
     issue_status,
     transition,
 )
 
 __all__ = [
+    "CHANGE_OPERATION",
     "RENEWAL_ENTRY_SCHEMA_VERSION",
+    "RENEWAL_HISTORY_WARNING_THRESHOLD",
     "TRANSITIONS",
     "Certification",
     "CertificationStatus",
@@ -26,6 +33,9 @@ __all__ = [
     "Operation",
     "Renewal",
     "RenewalEntry",
+    "appended_renewal",
+    "check_change",
+    "history_is_long",
     "issue_status",
     "transition",
 ]

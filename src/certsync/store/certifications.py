@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, tzinfo
-from typing import Final, cast
+from typing import cast
 from uuid import UUID
 
 import psycopg
@@ -17,6 +17,7 @@ import structlog
 from psycopg.types.json import Jsonb
 
 from certsync.domain.certification import (
+    RENEWAL_HISTORY_WARNING_THRESHOLD,
     Certification,
     CertificationStatus,
     Operation,
@@ -31,9 +32,6 @@ from certsync.store.queries import query
 log = structlog.get_logger(__name__)
 
 _Connection = psycopg.AsyncConnection[dict[str, object]]
-
-RENEWAL_HISTORY_WARNING_THRESHOLD: Final = 500
-"""Past this many entries a certification's JSONB history is worth moving (docs/renewal-history.md)."""
 
 
 class CertificationRepository:

@@ -38,8 +38,11 @@ async def transaction(pool: Pool, what: str) -> AsyncIterator[AsyncConnection[An
             yield conn
 
 
-async def fetch(pool: Pool, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-    """Run the named query in its own transaction; the rows it returns (none for a plain statement)."""
+async def fetch(pool: Pool, name: str, params: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Run the named query in its own transaction; the rows it returns (none for a plain statement).
+
+    ``params`` None: the query is sent as it is, so it may hold several statements (a DDL script).
+    """
     with driver_errors(name):
         async with pool.connection() as conn:
             cur = await conn.execute(query(name), params)
