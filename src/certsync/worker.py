@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Protocol
@@ -22,6 +22,7 @@ import structlog
 from certsync.delivery.requests import UndeliverableState, upsert_for
 from certsync.delivery.sinks import OutboxFailureSink
 from certsync.delivery.sync_service import DeliveryFailure, HLFDynamicsSyncService, Outcome
+from certsync.errors import CertsyncError
 from certsync.resilience.breaker import CircuitState
 from certsync.resilience.clock import Clock, Sleep
 from certsync.store.errors import DatabaseUnavailable
@@ -44,8 +45,18 @@ class Companion(Protocol):
     async def run(self, stop: asyncio.Event) -> None: ...
 
 
+class WorkerFailed(CertsyncError):
+    """A side task the worker cannot run without (the outbox listener, the lease heartbeat, a
+    companion such as the access-audit recorder) died, so the worker stopped; the message names it."""
+
+    exit_code = 1
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerOptions:
+    """How one worker claims and lets go. The heartbeat must tick inside a lease, and the drain at
+    shutdown must not outlast one: a claim left to expire mid-drain is rescued and sent again."""
+
     # Dataverse allows 52 concurrent requests per user; stay well inside it by default.
     concurrency: int = 16
     lease_seconds: float = 60.0
@@ -54,6 +65,18 @@ class WorkerOptions:
     sweep_check_seconds: float = 5.0
     shutdown_grace_seconds: float = 30.0
     sweep: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.heartbeat_seconds < self.lease_seconds:
+            raise ValueError(
+                f"heartbeat_seconds ({self.heartbeat_seconds}) must be shorter than lease_seconds"
+                f" ({self.lease_seconds}): claims would expire between two heartbeats"
+            )
+        if self.shutdown_grace_seconds > self.lease_seconds:
+            raise ValueError(
+                f"shutdown_grace_seconds ({self.shutdown_grace_seconds}) must not exceed lease_seconds"
+                f" ({self.lease_seconds}): a delivery still draining would be rescued and sent again"
+            )
 
 
 @dataclass(slots=True)
@@ -110,12 +133,20 @@ class SyncWorker:
         self._on_progress = on_progress
         self._tasks: dict[asyncio.Task[None], ClaimedEvent] = {}
         self._next_sweep_check: datetime | None = None
+        self._failure: WorkerFailed | None = None
         self.stats = WorkerStats()
 
     async def run(self, stop: asyncio.Event | None = None, *, once: bool = False) -> WorkerStats:
-        """Deliver until ``stop`` is set; with ``once``, until nothing more is due now, then return."""
+        """Deliver until ``stop`` is set; with ``once``, until nothing more is due now, then return.
+
+        The side tasks (companions, the outbox listener, the lease heartbeat) are supervised: one that
+        raises, or returns while the worker is not stopping, is logged (``worker_side_task_failed``)
+        and sets ``stop`` as a signal would; the deliveries in flight drain, then ``WorkerFailed``
+        is raised. The heartbeat outlives the drain, so no claim expires while it is being finished.
+        """
         stop = stop or asyncio.Event()
-        background = [asyncio.create_task(c.run(stop), name=type(c).__name__) for c in self._companions]
+        self._failure = None
+        background = [self._side_task(c.run(stop), type(c).__name__, stop) for c in self._companions]
         try:
             if self._service is None:
                 log.warning(
@@ -123,19 +154,45 @@ class SyncWorker:
                 )
                 if not once:
                     await stop.wait()
-                return self.stats
-            background.append(asyncio.create_task(self._heartbeat(stop), name="lease-heartbeat"))
-            if self._listener is not None:
-                background.append(
-                    asyncio.create_task(self._listener.run(self._wake, stop), name="outbox-listener")
-                )
-            await self._deliver_until(stop, once=once)
+            else:
+                background.append(self._side_task(self._heartbeat(), "lease-heartbeat", stop))
+                if self._listener is not None:
+                    listening = self._listener.run(self._wake, stop)
+                    background.append(self._side_task(listening, "outbox-listener", stop))
+                await self._deliver_until(stop, once=once)
         finally:
             await self._drain(stop)
             for task in background:
                 task.cancel()
+            # Each side task's end was judged by ``_side_task_ended`` as it happened.
             await asyncio.gather(*background, return_exceptions=True)
+        if self._failure is not None:
+            raise self._failure
         return self.stats
+
+    def _side_task(
+        self, work: Coroutine[object, object, None], name: str, stop: asyncio.Event
+    ) -> asyncio.Task[None]:
+        task = asyncio.create_task(work, name=name)
+        task.add_done_callback(lambda ended: self._side_task_ended(ended, stop))
+        return task
+
+    def _side_task_ended(self, task: asyncio.Task[None], stop: asyncio.Event) -> None:
+        """Fail fast rather than restart: every side task already rides out the failures it expects
+        (a lost connection, an unreachable database) with its own back-off, so one that ends anyway
+        is a bug, and running on without it would silently lose audit records, notifications or
+        leases. The process supervisor restarts the worker; its claims are handed back first."""
+        if task.cancelled():
+            return  # cancelled by ``run`` once the drain is over
+        error = task.exception()
+        if error is None and stop.is_set():
+            return  # ended because the worker is stopping
+        reason = "returned while the worker was running" if error is None else _describe(error)
+        log.error("worker_side_task_failed", task=task.get_name(), error=reason, exc_info=error)
+        if self._failure is None:
+            self._failure = WorkerFailed(f"worker stopped: its side task {task.get_name()} failed ({reason})")
+            self._failure.__cause__ = error
+        stop.set()
 
     async def _deliver_until(self, stop: asyncio.Event, *, once: bool) -> None:
         outage_backoff = 0.5
@@ -302,8 +359,10 @@ class SyncWorker:
         self.stats.expired_by_sweep += expired
         log.info("expiry_sweep", expired=expired, today=today.isoformat())
 
-    async def _heartbeat(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
+    async def _heartbeat(self) -> None:
+        """Extend the claims held until ``run`` cancels this, after the drain: not at ``stop``, when
+        the deliveries still in flight need their leases most."""
+        while True:
             await self._sleep(self._options.heartbeat_seconds)
             if self._tasks:
                 lease_until = self._clock.now() + timedelta(seconds=self._options.lease_seconds)
@@ -323,3 +382,7 @@ class SyncWorker:
             task.cancel()
         if pending:
             await asyncio.wait(pending)
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__

@@ -39,8 +39,12 @@ from tests.support.runtime import puts, settings_for, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-ONE_AT_A_TIME = WorkerOptions(concurrency=1, poll_seconds=0.1, heartbeat_seconds=0.5, lease_seconds=10)
-SEVERAL = WorkerOptions(concurrency=4, poll_seconds=0.1, heartbeat_seconds=0.5, lease_seconds=10)
+ONE_AT_A_TIME = WorkerOptions(
+    concurrency=1, poll_seconds=0.1, heartbeat_seconds=0.5, lease_seconds=10, shutdown_grace_seconds=10
+)
+SEVERAL = WorkerOptions(
+    concurrency=4, poll_seconds=0.1, heartbeat_seconds=0.5, lease_seconds=10, shutdown_grace_seconds=10
+)
 COOLDOWN = 0.5
 
 

@@ -183,3 +183,38 @@ async def test_worker_once_with_the_circuit_open_says_how_many_events_wait_and_e
     assert "circuit is open" in result.stdout
     assert "9 events wait" in result.stdout
     assert await outbox_statuses(pool) == {"queued": 1, "waiting": 9}
+
+
+async def test_worker_with_a_lease_shorter_than_the_default_grace_shortens_the_grace(
+    pool: Pool, database_url: str, sandbox: SandboxServer
+) -> None:
+    await seed_certifications(pool, 2)
+    env = cli_env(database_url, sandbox.url, CERTSYNC_WORKER_LEASE_SECONDS="10")
+    result = await certsync("worker", "--once", env=env)
+    assert result.exit_code == 0, result.output
+    assert await outbox_statuses(pool) == {"delivered": 2}
+
+
+class BrokenAuditRecorder:
+    """Stands in for the access-audit recorder the worker runs beside it; it fails with a bug."""
+
+    def __init__(self, dsn: str) -> None:
+        pass
+
+    async def run(self, stop: object) -> None:
+        raise RuntimeError("audit recorder bug")
+
+
+async def test_worker_whose_side_task_dies_exits_1_with_one_line_naming_it(
+    pool: Pool, database_url: str, sandbox: SandboxServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("certsync.app.AccessAuditRecorder", BrokenAuditRecorder)
+    result = await certsync("worker", "--once", env=cli_env(database_url, sandbox.url))
+    assert result.exit_code == 1, result.output
+    *logged, last = result.stderr.strip().splitlines()
+    assert last == (
+        "error: worker stopped: its side task BrokenAuditRecorder failed (RuntimeError: audit recorder bug)"
+    )
+    [failure] = [json.loads(line) for line in logged if "worker_side_task_failed" in line]
+    assert failure["task"] == "BrokenAuditRecorder"
+    assert failure["level"] == "error"

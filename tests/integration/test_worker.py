@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from datetime import datetime
 from typing import Any
 
@@ -18,12 +18,13 @@ from certsync.resilience.breaker import (
     BreakerStore,
     DynamicsCircuitBreaker,
 )
-from certsync.sandbox.faults import FaultScript, FaultStep
+from certsync.sandbox.faults import FaultScript, FaultStep, Latency
 from certsync.sandbox.server import SandboxServer
 from certsync.store.breaker_state import PostgresBreakerStore
 from certsync.store.errors import DatabaseUnavailable
+from certsync.store.outbox import ClaimedEvent, Outbox
 from certsync.store.pool import Pool
-from certsync.worker import WorkerOptions
+from certsync.worker import SyncWorker, WorkerOptions
 from tests.support.databases import database_outage
 from tests.support.runtime import FAST, puts, settings_for, wait_until
 from tests.support.seed import outbox_statuses, seed_certifications, set_status
@@ -178,6 +179,75 @@ async def test_an_outage_met_while_deciding_how_long_to_idle_is_ridden_out(
     stop.set()
     stats = await task
     assert stats.database_outages == 3
+
+
+class HeartbeatBlip(Outbox):
+    """An outbox whose first ``failures`` lease extensions meet a database blip; it counts the
+    extensions that succeed once ``stopping`` is set (the drain)."""
+
+    def __init__(self, pool: Pool, worker_id: str, stopping: asyncio.Event, failures: int) -> None:
+        super().__init__(pool, worker_id)
+        self._stopping = stopping
+        self.failures_left = failures
+        self.extended_while_draining = 0
+
+    async def extend_leases(self, events: Iterable[ClaimedEvent], lease_until: datetime) -> int:
+        if self.failures_left > 0:
+            self.failures_left -= 1
+            raise DatabaseUnavailable("database unavailable (extend_leases): terminating connection")
+        extended = await super().extend_leases(events, lease_until)
+        self.extended_while_draining += extended if self._stopping.is_set() else 0
+        return extended
+
+
+async def test_the_heartbeat_keeps_a_stopping_workers_lease_alive_until_its_drain_ends(
+    pool: Pool, database_url: str, runtime: Runtime, sandbox: SandboxServer
+) -> None:
+    # A 3 s lease, a heartbeat every 0.75 s, and a delivery the portal takes 3.5 s to answer: the lease
+    # only outlives it if the heartbeat extends it. The first two extensions (0.75 s, 1.5 s) meet a
+    # database blip and the worker is told to stop between them, at 1.1 s; the drain then waits for
+    # the delivery. A heartbeat that ended with the first tick after the stop (the bug) left the lease
+    # to run out at 3 s, mid-drain: the second worker rescued the event and sent it again.
+    options = WorkerOptions(
+        concurrency=1, poll_seconds=0.1, lease_seconds=3, heartbeat_seconds=0.75, shutdown_grace_seconds=3
+    )
+    sandbox.sandbox.load_faults(FaultScript(latency=Latency(min_ms=3500, scope="put")))
+    await seed_certifications(pool, 1)
+    stop = asyncio.Event()
+    outbox = HeartbeatBlip(pool, "stopping-worker", stop, failures=2)
+    stopping = SyncWorker(
+        pool=pool,
+        outbox=outbox,
+        service=runtime.sync_service(),
+        clock=runtime.clock,
+        sleep=runtime.sleep,
+        zone=runtime.settings.zone,
+        options=options,
+    )
+
+    async def claimed() -> bool:
+        return await outbox_statuses(pool) == {"in_flight": 1}
+
+    async with open_runtime(settings_for(database_url, sandbox)) as other_runtime:
+        loop = asyncio.get_running_loop()
+        started = loop.time()  # the heartbeat ticks from here: 0.75 s, 1.5 s, 2.25 s, ...
+        task = asyncio.create_task(stopping.run(stop))
+        await wait_until(claimed, "the stopping worker's claim")
+        other_stop = asyncio.Event()
+        other = other_runtime.worker(options, listen=False)
+        other_task = asyncio.create_task(other.run(other_stop))
+        await asyncio.sleep(started + 1.1 - loop.time())
+        stop.set()
+        stats = await task
+        other_stop.set()
+        other_stats = await other_task
+    assert other_stats.rescued == 0, "the other worker rescued a claim that was still being delivered"
+    assert len(puts(sandbox)) == 1
+    assert stats.delivered == 1
+    assert stats.stale_results == 0
+    assert outbox.failures_left == 0, "both blips were met before the drain ended"
+    assert outbox.extended_while_draining >= 1, "the lease was extended during the drain"
+    assert await outbox_statuses(pool) == {"delivered": 1}
 
 
 @pytest.mark.slow

@@ -25,7 +25,9 @@ from certsync.sandbox.state import DEFAULT_TOKEN, RecordedRequest
 from certsync.settings import Settings
 from certsync.worker import WorkerOptions
 
-FAST = WorkerOptions(concurrency=8, poll_seconds=0.2, heartbeat_seconds=0.5, lease_seconds=10)
+FAST = WorkerOptions(
+    concurrency=8, poll_seconds=0.2, heartbeat_seconds=0.5, lease_seconds=10, shutdown_grace_seconds=10
+)
 
 
 def portal_settings(database_url: str, portal: str, **overrides: Any) -> Settings:

@@ -1,7 +1,9 @@
 """``certsync worker``: runs the delivery loop in the foreground until SIGTERM/SIGINT, or once.
 
 A stop signal only sets the worker's stop event: in-flight deliveries finish (or, past the grace
-period, are handed back to the outbox), so no change is lost when a supervisor restarts the process.
+period — 30 s, or the lease if shorter — are handed back to the outbox), so no change is lost when a
+supervisor restarts the process. A side task that dies (the LISTEN connection's loop, the lease
+heartbeat, the access-audit recorder) stops the worker the same way, then exits 1 naming it.
 """
 
 from __future__ import annotations
@@ -81,10 +83,13 @@ def worker(
     if metrics_port is not None and not 0 < metrics_port < 65536:
         fail(2, f"--metrics-port must be a TCP port (1-65535), not {metrics_port}")
     settings = load_settings()
+    lease = settings.worker_lease_seconds
     options = WorkerOptions(
         concurrency=concurrency,
-        lease_seconds=settings.worker_lease_seconds,
-        heartbeat_seconds=max(0.5, settings.worker_lease_seconds / 4),
+        lease_seconds=lease,
+        heartbeat_seconds=max(0.5, lease / 4),
+        # The drain at shutdown must end before the claims it waits for could be rescued.
+        shutdown_grace_seconds=min(WorkerOptions().shutdown_grace_seconds, lease),
     )
 
     async def work() -> None:

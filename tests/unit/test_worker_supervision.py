@@ -1,0 +1,155 @@
+"""The worker's side tasks are supervised: one that dies ends the worker loudly, and promptly.
+
+No database: the outbox finds nothing to claim, the breaker is the in-memory one, and the heartbeat's
+sleep never returns unless a test says so. The poll interval is an hour, so a worker that only noticed
+a dead side task on its next poll would hit the ``asyncio.timeout`` guard instead of returning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import MutableMapping
+from datetime import datetime
+from typing import Any, cast
+from zoneinfo import ZoneInfo
+
+import pytest
+from structlog.testing import capture_logs
+
+from certsync.delivery.sync_service import HLFDynamicsSyncService
+from certsync.resilience.breaker import DynamicsCircuitBreaker, InMemoryBreakerStore
+from certsync.resilience.clock import Sleep
+from certsync.resilience.testing import ManualClock
+from certsync.store.outbox import Claim, Outbox
+from certsync.store.pool import Pool
+from certsync.worker import Companion, Listener, SyncWorker, WorkerFailed, WorkerOptions
+
+HOUR = 3600.0
+IDLE = WorkerOptions(poll_seconds=HOUR, sweep=False)
+GUARD_SECONDS = 5.0
+"""Real time a test allows the worker to end in; it ends in milliseconds when it notices at once."""
+
+
+class NothingDue:
+    """The outbox calls an idle worker makes, answered without a database: nothing to rescue or claim."""
+
+    async def rescue_expired(self, now: datetime) -> int:
+        return 0
+
+    async def claim(self, now: datetime, *, limit: int, lease_seconds: float) -> Claim:
+        return Claim(events=(), superseded=0)
+
+
+class ClosedCircuit:
+    """All an idle worker asks of the sync service: its breaker (closed, in memory)."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        self.breaker = DynamicsCircuitBreaker("dynamics", InMemoryBreakerStore(), clock)
+
+
+async def never_wakes(seconds: float) -> None:
+    """The heartbeat's sleep: it waits until the worker cancels it."""
+    await asyncio.Event().wait()
+
+
+async def broken_sleep(seconds: float) -> None:
+    raise RuntimeError("the heartbeat's timer broke")
+
+
+class Exploding:
+    """A companion (or listener) that raises once the worker is running."""
+
+    async def run(self, *_: asyncio.Event) -> None:
+        await asyncio.sleep(0)
+        raise RuntimeError("boom")
+
+
+class ReturnsAtOnce:
+    """A listener that ends although nobody asked it to stop."""
+
+    async def run(self, *_: asyncio.Event) -> None:
+        return None
+
+
+def worker(
+    *,
+    sync: bool = True,
+    listener: Listener | None = None,
+    companions: tuple[Companion, ...] = (),
+    sleep: Sleep = never_wakes,
+) -> SyncWorker:
+    clock = ManualClock()
+    return SyncWorker(
+        pool=cast(Pool, None),  # sweep=False and nothing claimed: the worker never touches it
+        outbox=cast(Outbox, NothingDue()),
+        service=cast(HLFDynamicsSyncService, ClosedCircuit(clock)) if sync else None,
+        clock=clock,
+        sleep=sleep,
+        zone=ZoneInfo("Europe/Oslo"),
+        listener=listener,
+        companions=companions,
+        options=IDLE,
+    )
+
+
+async def run_until_it_fails(subject: SyncWorker) -> tuple[WorkerFailed, list[MutableMapping[str, Any]]]:
+    stop = asyncio.Event()
+    with capture_logs() as logs, pytest.raises(WorkerFailed) as failed:
+        async with asyncio.timeout(GUARD_SECONDS):
+            await subject.run(stop)
+    assert stop.is_set(), "a failed side task stops the worker as a signal would"
+    return failed.value, logs
+
+
+def the_failure_logged(logs: list[MutableMapping[str, Any]]) -> MutableMapping[str, Any]:
+    [line] = [entry for entry in logs if entry["event"] == "worker_side_task_failed"]
+    assert line["log_level"] == "error"
+    return line
+
+
+async def test_a_companion_that_raises_ends_the_worker_loudly_and_at_once() -> None:
+    failure, logs = await run_until_it_fails(worker(companions=(Exploding(),)))
+    line = the_failure_logged(logs)
+    assert line["task"] == "Exploding"
+    assert line["error"] == "RuntimeError: boom"
+    assert str(failure) == "worker stopped: its side task Exploding failed (RuntimeError: boom)"
+    assert isinstance(failure.__cause__, RuntimeError)
+    assert failure.exit_code == 1
+
+
+async def test_a_listener_that_raises_ends_the_worker() -> None:
+    failure, logs = await run_until_it_fails(worker(listener=Exploding()))
+    assert the_failure_logged(logs)["task"] == "outbox-listener"
+    assert "outbox-listener failed (RuntimeError: boom)" in str(failure)
+
+
+async def test_a_listener_that_returns_while_the_worker_runs_ends_it() -> None:
+    failure, logs = await run_until_it_fails(worker(listener=ReturnsAtOnce()))
+    line = the_failure_logged(logs)
+    assert line["task"] == "outbox-listener"
+    assert line["error"] == "returned while the worker was running"
+    assert "outbox-listener failed (returned while the worker was running)" in str(failure)
+
+
+async def test_a_heartbeat_that_dies_ends_the_worker() -> None:
+    failure, logs = await run_until_it_fails(worker(sleep=broken_sleep))
+    assert the_failure_logged(logs)["task"] == "lease-heartbeat"
+    assert "RuntimeError: the heartbeat's timer broke" in str(failure)
+
+
+async def test_a_companion_that_dies_while_sync_is_off_ends_the_worker() -> None:
+    failure, _ = await run_until_it_fails(worker(sync=False, companions=(Exploding(),)))
+    assert "Exploding failed" in str(failure)
+
+
+# Options that cannot work together are refused when they are made ----------------------------------
+
+
+def test_a_drain_grace_longer_than_the_lease_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"shutdown_grace_seconds \(30\.0\) must not exceed lease_seconds"):
+        WorkerOptions(lease_seconds=10.0, heartbeat_seconds=2.0, shutdown_grace_seconds=30.0)
+
+
+def test_a_heartbeat_no_shorter_than_the_lease_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"heartbeat_seconds \(10\.0\) must be shorter than lease_seconds"):
+        WorkerOptions(lease_seconds=10.0, heartbeat_seconds=10.0, shutdown_grace_seconds=5.0)
