@@ -26,7 +26,7 @@ from certsync.sandbox.server import SandboxServer
 from certsync.store.pool import Pool
 from tests.faults.conftest import JsonLogCapture, assert_every_event_has_a_home, seed_mentors, table_checksums
 from tests.support.runtime import FAST, settings_for
-from tests.support.seed import outbox_statuses
+from tests.support.seed import outbox_statuses, rules_disabled
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -53,7 +53,8 @@ async def test_a_renewal_entry_without_schema_version_is_reported_on_read_kept_a
 ) -> None:
     [certification] = await seed_mentors(pool, mentors=1)
     entry = {"renewed_at": "2026-01-01T00:00:00Z", "new_valid_until": "2099-06-01"}
-    async with pool.connection() as conn:
+    # Planted as a hand-edit would have left it before the rules existed (the documented repair path).
+    async with pool.connection() as conn, rules_disabled(conn):
         await conn.execute(
             "update public.certifications set renewal_history = %s where id = %s",
             (json.dumps([entry]), certification),

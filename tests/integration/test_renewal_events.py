@@ -31,7 +31,7 @@ async def seed_histories(pool: Pool, certifications: int, entries_each: int) -> 
     async with pool.connection() as conn:
         await conn.execute(
             """
-            with u as (insert into auth.users default values returning id),
+            with u as (insert into auth.users (id) select gen_random_uuid() returning id),
                  m as (insert into public.peer_mentors (user_id, display_name)
                        select id, 'Mentor' from u returning id, user_id)
             insert into public.certifications (peer_mentor_id, valid_from, valid_until, renewal_history)
