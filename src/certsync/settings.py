@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from typing import Literal
+from uuid import UUID
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import psycopg
@@ -45,6 +46,23 @@ class Settings(BaseSettings):
         default=None,
         ge=1,
         description="client-side limit per window for a portal that reports no remaining budget; unset: off",
+    )
+
+    dynamics_organisation_id: UUID | None = Field(
+        default=None,
+        description="the organisation whose portal this is; unset: every organisation's mentors are sent",
+    )
+    reconcile_interval_seconds: float = Field(
+        default=3600.0, ge=0.0, le=7 * 86400.0, description="how often a running worker reconciles; 0: never"
+    )
+    auto_replay: bool = Field(
+        default=True, description="the worker re-sends pending queue entries itself (1, 5, 15, 60 min apart)"
+    )
+    outbox_retention_days: float = Field(
+        default=30.0,
+        gt=0.0,
+        le=3650.0,
+        description="delivered and superseded outbox events are kept this long",
     )
 
     retry_max_retries: int = Field(default=3, ge=0, le=20)

@@ -138,9 +138,17 @@ def test_erasure_leaves_outbox_and_queue_rows_without_the_persons_name_or_email(
 
     delete_user(superuser, scene.erased.user_id)
 
-    # No foreign key ties the outbox or the queue to a certification: their rows stay, for the delete
-    # a later change captures, and the queue entry still names the event it came from.
-    assert rows(superuser, "select id from public.certification_sync_events order by id") == events_before
+    # The outbox keeps its rows, and the erasure itself is captured: one delete event per erased
+    # certification, so the portal unlists them. The queue entry still names the event it came from.
+    after = rows(superuser, "select id from public.certification_sync_events order by id")
+    assert set(events_before) < set(after)
+    deletes = rows(
+        superuser,
+        "select certification_id from public.certification_sync_events"
+        " where operation_type = 'certification.deleted'",
+    )
+    assert sorted(c for (c,) in deletes) == sorted(scene.erased_certifications)
+    assert len(after) == len(events_before) + len(scene.erased_certifications)
     [(event_id, certification_id)] = rows(
         superuser,
         "select event_id, certification_id from public.dynamics_sync_retry_queue where id = %s",
@@ -157,8 +165,9 @@ def test_erasure_leaves_outbox_and_queue_rows_without_the_persons_name_or_email(
         select t::text from public.dynamics_sync_retry_queue t
         where t::text ilike any (%(personal)s)
         """,
-        {"personal": [f"%{NAME}%", f"%{EMAIL}%", "%Erasedottir%"]},
+        {"personal": [f"%{NAME}%", f"%{EMAIL}%", "%Erasedottir%", f"%{scene.erased.peer_mentor_id}%"]},
     )
+    # Not even the pseudonymous peer mentor id: what is left about them is certification ids and versions.
     assert leftovers == []
 
 

@@ -146,7 +146,94 @@ def test_resending_the_same_event_is_harmless(client: httpx.Client) -> None:
     first, again = put(client, body), put(client, body)
 
     assert (first.status_code, again.status_code) == (200, 200)
-    assert client.get("/_sandbox/state").json()["history"][body["certification"]["id"]] == [2]
+    assert (first.json()["applied"], again.json()["applied"]) == (True, True)
+    state = client.get("/_sandbox/state").json()
+    assert state["certifications"][body["certification"]["id"]] == body
+    assert state["ignored"] == []
+
+
+def test_an_equal_version_replaces_what_is_held(client: httpx.Client) -> None:
+    """Contract v1: only older versions are ignored, so a repair of the same version corrects it."""
+    held = upsert_body(uuid4(), 3)
+    put(client, held)
+    corrected = {**held, "event_id": str(uuid4()), "publicly_listed": not held["publicly_listed"]}
+
+    response = put(client, corrected)
+
+    assert response.json()["applied"] is True
+    certification_id = held["certification"]["id"]
+    state = client.get("/_sandbox/state").json()
+    assert state["certifications"][certification_id]["publicly_listed"] is corrected["publicly_listed"]
+
+
+def delete(client: httpx.Client, certification_id: str, event_id: UUID | None = None) -> httpx.Response:
+    return client.delete(
+        f"/api/v1/certifications/{certification_id}",
+        headers={"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": str(event_id or uuid4())},
+    )
+
+
+def test_a_delete_forgets_the_certification_and_a_second_one_is_404(client: httpx.Client) -> None:
+    body = upsert_body(uuid4(), 1)
+    put(client, body)
+    certification_id = body["certification"]["id"]
+
+    first, again = delete(client, certification_id), delete(client, certification_id)
+
+    assert (first.status_code, again.status_code) == (204, 404)
+    state = client.get("/_sandbox/state").json()
+    assert certification_id not in state["certifications"]
+    assert state["deleted"] == [certification_id]
+    assert [r["outcome"] for r in recorded(client)[-2:]] == ["deleted", "not_found"]
+
+
+def test_a_delete_needs_the_token_and_an_idempotency_key(client: httpx.Client) -> None:
+    certification_id = str(uuid4())
+    anonymous = client.delete(f"/api/v1/certifications/{certification_id}")
+    unkeyed = client.delete(
+        f"/api/v1/certifications/{certification_id}", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+
+    assert anonymous.status_code == 401
+    assert (unkeyed.status_code, unkeyed.json()["error"]) == (400, "idempotency_key_missing")
+
+
+def test_the_listing_pages_by_id_until_next_is_null(client: httpx.Client) -> None:
+    bodies = [upsert_body(uuid4(), n) for n in range(1, 8)]
+    for body in bodies:
+        put(client, body)
+    delete(client, bodies[3]["certification"]["id"])
+    expected = sorted(
+        (b["certification"]["id"], b["certification"]["version"]) for i, b in enumerate(bodies) if i != 3
+    )
+
+    seen: list[tuple[str, int]] = []
+    pages, after = 0, None
+    while True:
+        params: dict[str, str | int] = {"limit": 2} | ({"after": after} if after else {})
+        page = client.get(
+            "/api/v1/certifications", params=params, headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        assert page.status_code == 200
+        seen += [(row["id"], row["version"]) for row in page.json()["certifications"]]
+        pages += 1
+        after = page.json()["next"]
+        if after is None:
+            break
+
+    assert seen == expected
+    assert pages == 3
+    row = client.get(
+        "/api/v1/certifications", params={"limit": 1}, headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    assert set(row.json()["certifications"][0]) == {"id", "version", "status", "publicly_listed"}
+
+
+def test_the_listing_needs_the_token_and_a_sane_limit(client: httpx.Client) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert client.get("/api/v1/certifications").status_code == 401
+    assert client.get("/api/v1/certifications", params={"limit": 0}, headers=auth).status_code == 422
+    assert client.get("/api/v1/certifications", params={"after": "x"}, headers=auth).status_code == 422
 
 
 def test_a_body_against_the_schema_is_422_naming_the_field(client: httpx.Client) -> None:

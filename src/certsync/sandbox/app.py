@@ -10,6 +10,8 @@ missing or wrong webhook signature     401     ``{"error": "invalid_signature"}`
 body not JSON / against the schema     422     ``{"error": "invalid_body", "errors": […]}``
 path id differs from body id           422     ``{"error": "certification_id_mismatch"}``
 Idempotency-Key / webhook-id ≠ event   400     ``{"error": "idempotency_key_mismatch"}``
+DELETE without an Idempotency-Key      400     ``{"error": "idempotency_key_missing"}``
+DELETE of a certification not held     404     ``{"error": "not_found"}`` (done, for certsync)
 =====================================  ======  ===============================================
 """
 
@@ -21,7 +23,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import structlog
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from jsonschema import Draft202012Validator, FormatChecker
 from pydantic import BaseModel, Field
@@ -34,6 +36,7 @@ from certsync.sandbox.faults import FaultDecision, FaultScriptError, parse_fault
 from certsync.sandbox.state import Sandbox, SandboxConfig
 
 ADMIN_PREFIX = "/_sandbox"
+_UUID_PATTERN = "^[0-9a-fA-F-]{36}$"
 _OUTCOME_KEY = "certsync.sandbox"
 
 log = structlog.get_logger("certsync.sandbox")
@@ -275,6 +278,29 @@ def _add_portal_routes(app: FastAPI, sandbox: Sandbox) -> None:
             "applied": outcome.applied,
             "version": outcome.current_version,
         }
+
+    @app.delete("/api/v1/certifications/{certification_id}")
+    async def delete_certification(certification_id: str, request: Request) -> Response:
+        raw = await request.body()
+        _authorize(sandbox, request.headers)
+        if webhook is not None:
+            _verify_signature(webhook, raw, request.headers)
+        if not request.headers.get("idempotency-key"):
+            raise _Refused(400, "idempotency_key_missing")
+        if sandbox.delete(certification_id):
+            _set_outcome(request, "deleted")
+            return Response(status_code=204)
+        raise _Refused(404, "not_found")
+
+    @app.get("/api/v1/certifications")
+    async def list_certifications(
+        request: Request,
+        after: Annotated[str | None, Query(pattern=_UUID_PATTERN)] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 500,
+    ) -> dict[str, Any]:
+        _authorize(sandbox, request.headers)
+        rows, cursor = sandbox.page(after, limit)
+        return {"certifications": rows, "next": cursor}
 
     @app.get("/api/v1/contract")
     async def contract() -> dict[str, list[int]]:

@@ -6,6 +6,7 @@ method so that a test thread may also read a snapshot (``SandboxServer.sandbox``
 
 from __future__ import annotations
 
+import bisect
 import hmac
 import secrets
 import threading
@@ -123,6 +124,8 @@ class Sandbox:
         """Forget everything received and return to the start configuration."""
         with self._lock:
             self._certifications: dict[str, dict[str, Any]] = {}
+            self._ordered_ids: list[str] = []  # the keys of _certifications, sorted: paged reads
+            self._deleted: list[str] = []
             self._history: dict[str, list[int]] = {}
             self._ignored: list[IgnoredUpsert] = []
             self._issued_tokens: dict[str, float] = {}
@@ -172,19 +175,57 @@ class Sandbox:
     # certifications ----------------------------------------------------------------------------------
 
     def upsert(self, body: dict[str, Any]) -> UpsertOutcome:
-        """Keep the body if its version is higher than the one held; else acknowledge and record it."""
+        """Keep the body unless the portal holds a newer version (an equal one replaces it: a resend
+        is harmless); an older one is acknowledged and recorded as ignored."""
         certification = body["certification"]
         cert_id = str(certification["id"]).lower()
         version = int(certification["version"])
         with self._lock:
             held = self._certifications.get(cert_id)
             held_version = int(held["certification"]["version"]) if held is not None else 0
-            if version <= held_version:
+            if version < held_version:
                 self._ignored.append(IgnoredUpsert(cert_id, str(body["event_id"]), version, held_version))
                 return UpsertOutcome(False, cert_id, version, held_version)
+            if held is None:
+                bisect.insort(self._ordered_ids, cert_id)
             self._certifications[cert_id] = body
             self._history.setdefault(cert_id, []).append(version)
             return UpsertOutcome(True, cert_id, version, version)
+
+    def delete(self, certification_id: str) -> bool:
+        """Forget one certification; False when it was not held (the route answers 404)."""
+        cert_id = certification_id.lower()
+        with self._lock:
+            if self._certifications.pop(cert_id, None) is None:
+                return False
+            del self._ordered_ids[bisect.bisect_left(self._ordered_ids, cert_id)]
+            self._deleted.append(cert_id)
+            return True
+
+    def page(self, after: str | None, limit: int) -> tuple[list[dict[str, Any]], str | None]:
+        """Up to ``limit`` held certifications with ids above ``after``, by id, and the next cursor."""
+        with self._lock:
+            start = 0 if after is None else bisect.bisect_right(self._ordered_ids, after.lower())
+            ids = self._ordered_ids[start : start + limit]
+            rows = [
+                {
+                    "id": cert_id,
+                    "version": int(self._certifications[cert_id]["certification"]["version"]),
+                    "status": self._certifications[cert_id]["certification"]["status"],
+                    "publicly_listed": self._certifications[cert_id]["publicly_listed"],
+                }
+                for cert_id in ids
+            ]
+            more = start + limit < len(self._ordered_ids)
+            return rows, (ids[-1] if ids and more else None)
+
+    def plant(self, body: dict[str, Any]) -> None:
+        """Hold ``body`` as it is, whatever it holds now (tests and benchmarks plant drift with it)."""
+        cert_id = str(body["certification"]["id"]).lower()
+        with self._lock:
+            if cert_id not in self._certifications:
+                bisect.insort(self._ordered_ids, cert_id)
+            self._certifications[cert_id] = body
 
     def public_listing(self) -> list[str]:
         """Mentors with at least one certification whose latest state is publicly listed, sorted."""
@@ -205,6 +246,7 @@ class Sandbox:
                 "certifications": dict(self._certifications),
                 "history": {cert_id: list(versions) for cert_id, versions in self._history.items()},
                 "ignored": [asdict(ignored) for ignored in self._ignored],
+                "deleted": list(self._deleted),
                 "public_listing": self.public_listing(),
             }
 
