@@ -17,6 +17,7 @@ from datetime import date
 from pathlib import Path
 
 import httpx
+import structlog
 
 from certsync.delivery.queue import QueueService
 from certsync.delivery.replay import ReplayService
@@ -47,6 +48,8 @@ from certsync.store.pool import Pool, open_pool
 from certsync.store.retry_queue import RetryQueue
 from certsync.store.sweep import expire_due
 from certsync.worker import SyncWorker, WorkerOptions, today_in
+
+log = structlog.get_logger(__name__)
 
 
 async def resolve_database_url(settings: Settings) -> str:
@@ -220,7 +223,13 @@ class Runtime:
 
     def replay_service(self) -> ReplayService:
         if self._replays is None:
-            self._replays = ReplayService(self.queue, self.sync_service(), self.clock, self.settings.zone)
+            self._replays = ReplayService(
+                self.queue,
+                self.sync_service(),
+                self.clock,
+                self.settings.zone,
+                organisation_id=self.settings.dynamics_organisation_id,
+            )
         return self._replays
 
     def queue_service(self) -> QueueService:
@@ -245,9 +254,15 @@ class Runtime:
         return CertificationRepository(self.pool, clock=self.clock, zone=self.settings.zone)
 
     def outbox(self) -> Outbox:
-        return Outbox(self.pool, worker_id())
+        return Outbox(self.pool, worker_id(), organisation_id=self.settings.dynamics_organisation_id)
 
     def worker(self, options: WorkerOptions | None = None, *, listen: bool = True) -> SyncWorker:
+        if self.settings.sync_enabled and self.settings.dynamics_organisation_id is None:
+            log.warning(
+                "organisation_scope_unset",
+                hint="CERTSYNC_DYNAMICS_ORGANISATION_ID is not set: every organisation's mentors are sent"
+                " to this portal",
+            )
         return SyncWorker(
             pool=self.pool,
             outbox=self.outbox(),

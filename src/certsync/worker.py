@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 
 import structlog
 
-from certsync.delivery.requests import UndeliverableState, upsert_for
+from certsync.delivery.requests import UndeliverableState, request_for
 from certsync.delivery.sinks import OutboxFailureSink
 from certsync.delivery.sync_service import DeliveryFailure, HLFDynamicsSyncService, Outcome
 from certsync.errors import CertsyncError
@@ -31,6 +31,8 @@ from certsync.store.pool import Pool
 from certsync.store.sweep import expire_due, next_expiry
 
 log = structlog.get_logger(__name__)
+
+OUT_OF_SCOPE = "not sent: the mentor is outside the portal's organisation"
 
 
 class Listener(Protocol):
@@ -87,6 +89,7 @@ class WorkerStats:
     queued_pending: int = 0
     queued_investigation: int = 0
     held: int = 0
+    out_of_scope: int = 0
     superseded: int = 0
     stale_results: int = 0
     rescued: int = 0
@@ -279,11 +282,19 @@ class SyncWorker:
         sink = OutboxFailureSink(self._outbox, event, self._clock)
         try:
             try:
-                request = upsert_for(
-                    event.id, event.occurred_at, event.state, today_in(self._zone, self._clock)
+                request = request_for(
+                    event.id,
+                    event.occurred_at,
+                    event.certification_id,
+                    event.current,
+                    may_unlist=event.may_unlist,
+                    today=today_in(self._zone, self._clock),
                 )
             except UndeliverableState as exc:
                 await self._keep_undeliverable(event, sink, exc)
+                return
+            if request is None:
+                await self._not_this_portals(event)
                 return
             outcome = await self._sync.deliver(
                 request, operation_type=event.operation_type, sink=sink, when_open="hold"
@@ -329,13 +340,21 @@ class SyncWorker:
                 operation_type=event.operation_type,
                 certification_id=event.certification_id,
                 event_id=event.id,
-                payload={"state": event.state},
+                payload={"state": event.current.state},
                 failure_reason=str(exc),
                 attempt_count=0,
                 status="requires_investigation",
             )
         )
         self.stats.queued_investigation += 1
+
+    async def _not_this_portals(self, event: ClaimedEvent) -> None:
+        """A mentor outside the portal's organisation whom this change cannot have unlisted: no
+        request at all (the portal is not told about other organisations' mentors); closed as done."""
+        if await self._outbox.mark_delivered(event, self._clock.now(), detail=OUT_OF_SCOPE):
+            self.stats.out_of_scope += 1
+        else:
+            self._stale(event)
 
     def _stale(self, event: ClaimedEvent) -> None:
         self.stats.stale_results += 1

@@ -7,8 +7,10 @@ never a crashed worker, never a dropped event.
   rolls back. The tests prove the constraint refuses each non-array kind.
 - A renewal entry without ``schema_version`` (written by hand): the change still flows to the portal
   (renewal history is not part of contract v1); reading the certification names the bad entry.
-- An outbox event whose stored state no longer fits contract v1, and a retry-queue entry whose payload
-  is not even an object: kept for investigation with the reason, the rest delivered.
+- An outbox event whose stored state no longer fits contract v1 is history only: what is sent is the
+  certification as the database holds it when it is sent, so the change is delivered anyway; a
+  retry-queue entry whose payload is not even an object is replayed the same way (its certification
+  gone: a DELETE), never from the payload.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from certsync.app import open_runtime
 from certsync.domain.certification import InvalidRenewalEntry
 from certsync.sandbox.server import SandboxServer
 from certsync.store.pool import Pool
-from tests.faults.conftest import JsonLogCapture, assert_every_event_has_a_home, seed_mentors, table_checksums
+from tests.faults.conftest import assert_every_event_has_a_home, seed_mentors, table_checksums
 from tests.support.runtime import FAST, settings_for
 from tests.support.seed import outbox_statuses, rules_disabled
 
@@ -84,8 +86,8 @@ async def test_a_renewal_entry_without_schema_version_is_reported_on_read_kept_a
     ],
     ids=["unknown status", "no version", "not a date", "not an object"],
 )
-async def test_an_outbox_event_whose_state_no_longer_fits_is_kept_for_investigation_and_the_rest_delivered(
-    pool: Pool, database_url: str, sandbox: SandboxServer, json_logs: JsonLogCapture, breakage: str
+async def test_an_outbox_event_whose_state_no_longer_fits_is_delivered_from_the_database_state(
+    pool: Pool, database_url: str, sandbox: SandboxServer, breakage: str
 ) -> None:
     [broken, *fine] = await seed_mentors(pool, mentors=4)
     # Written by hand, as a bad migration or a manual fix might: the newest event of one certification.
@@ -99,21 +101,25 @@ async def test_an_outbox_event_whose_state_no_longer_fits_is_kept_for_investigat
         )
         row = await cur.fetchone()
         assert row is not None
-        bad_event = row["id"]
+        cur = await conn.execute(
+            "select private.certification_sync_state(c) as state from public.certifications c where id = %s",
+            (broken,),
+        )
+        truth = await cur.fetchone()
+        assert truth is not None
 
     async with open_runtime(settings_for(database_url, sandbox)) as runtime:
         stats = await runtime.worker(FAST, listen=False).run(once=True)
-        [entry] = await runtime.queue.list_entries()
+        entries = await runtime.queue.list_entries()
 
-    assert (stats.delivered, stats.queued_investigation, stats.crashed) == (len(fine), 1, 0)
-    assert (entry.status, entry.event_id) == ("requires_investigation", bad_event)
-    assert "stored state does not fit contract v1" in entry.failure_reason
-    [reported] = json_logs.events("event_state_invalid")
-    assert reported["event_id"] == str(bad_event)
+    assert (stats.delivered, stats.queued_investigation, stats.crashed) == (len(fine) + 1, 0, 0)
+    assert entries == []
+    held = sandbox.sandbox.snapshot()["certifications"][str(broken)]["certification"]
+    assert held == json.loads(json.dumps(truth["state"], default=str))
     await assert_every_event_has_a_home(pool)
 
 
-async def test_replaying_an_entry_whose_payload_is_not_an_object_and_whose_certification_is_gone_keeps_it(
+async def test_replaying_an_entry_whose_payload_is_not_an_object_and_whose_certification_is_gone_deletes(
     pool: Pool, database_url: str, sandbox: SandboxServer
 ) -> None:
     async with pool.connection() as conn:
@@ -132,7 +138,8 @@ async def test_replaying_an_entry_whose_payload_is_not_an_object_and_whose_certi
         result = await runtime.replay_service().replay(entry_id, by="fault-suite")
         entry = await runtime.queue.get(entry_id)
 
-    assert result.status == "requires_investigation"
-    assert entry.status == "requires_investigation"
-    assert entry.payload_json == ["not", "an", "object"]
-    assert "no longer exists" in str(entry.failure_reason)
+    # Nothing is read from the payload: the certification is gone, so the replay is its DELETE.
+    assert result.status == "replayed"
+    assert entry.status == "replayed"
+    assert entry.payload_json["operation"] == "delete"
+    assert [(r.method, r.status) for r in sandbox.sandbox.requests()] == [("DELETE", 404)]

@@ -171,18 +171,34 @@ def test_erasure_leaves_outbox_and_queue_rows_without_the_persons_name_or_email(
     assert leftovers == []
 
 
-async def test_after_an_erasure_the_worker_drains_and_a_replay_says_the_certification_is_gone(
+async def test_erasing_a_listed_mentor_unlists_them_and_a_replay_of_their_entry_deletes(
     database_url: str, superuser: Conn, scene: Scene, sandbox: SandboxServer
 ) -> None:
+    settings = settings_for(database_url, sandbox, breaker_failure_threshold=50)
+    async with open_runtime(settings) as runtime:
+        await runtime.worker(FAST, listen=False).run(once=True)
+    listed_before = sandbox.sandbox.snapshot()
+    assert str(scene.erased.peer_mentor_id) in listed_before["public_listing"]
+
     delete_user_as_postgres(superuser, scene.erased.user_id)
 
-    async with open_runtime(settings_for(database_url, sandbox, breaker_failure_threshold=50)) as runtime:
-        await runtime.worker(FAST, listen=False).run(once=True)
+    async with open_runtime(settings) as runtime:
+        stats = await runtime.worker(FAST, listen=False).run(once=True)
         result = await runtime.replay_service().replay(scene.queue_entry, by="ops")
+        entry = await runtime.queue.get(scene.queue_entry)
         depth = rows(
             superuser,
             "select count(*) from public.certification_sync_events where status in ('waiting', 'in_flight')",
         )
 
+    after = sandbox.sandbox.snapshot()
     assert depth == [(0,)]
-    assert (result.status, result.reason) == ("requires_investigation", "the certification no longer exists")
+    assert stats.delivered == len(scene.erased_certifications)
+    assert sorted(after["deleted"]) == sorted(str(c) for c in scene.erased_certifications)
+    assert set(after["certifications"]) == set(listed_before["certifications"]) - set(after["deleted"])
+    assert str(scene.erased.peer_mentor_id) not in after["public_listing"]
+    # The entry's certification is gone: the replay is a DELETE (404 at the portal: done), and what
+    # the entry keeps of it is ids, not the person.
+    assert (result.status, entry.status) == ("replayed", "replayed")
+    assert entry.payload_json["operation"] == "delete"
+    assert str(scene.erased.peer_mentor_id) not in str(entry.payload_json)

@@ -210,7 +210,9 @@ def test_the_listing_pages_by_id_until_next_is_null(client: httpx.Client) -> Non
     seen: list[tuple[str, int]] = []
     pages, after = 0, None
     while True:
-        params: dict[str, str | int] = {"limit": 2} | ({"after": after} if after else {})
+        params: dict[str, str | int] = {"limit": 2}
+        if after:
+            params["after"] = after
         page = client.get(
             "/api/v1/certifications", params=params, headers={"Authorization": f"Bearer {TOKEN}"}
         )

@@ -1,5 +1,6 @@
-"""Manual replay of the retry queue: the certification's CURRENT state, through the same retry policy
-and circuit breaker as the worker, with the outcome recorded on the entry (who, when, how often).
+"""Manual replay of the retry queue: the certification's CURRENT state (or its removal, when it is gone or
+no longer this portal's: ``delivery.requests``), through the same retry policy and circuit breaker as the
+worker, with the outcome recorded on the entry (who, when, how often).
 
 A stale payload is never resent: between the failure and the replay a coordinator may have renewed
 or revoked the certification, and the portal must learn what is true now.
@@ -11,11 +12,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
+from uuid import UUID
 from zoneinfo import ZoneInfo
 
 import structlog
 
-from certsync.delivery.requests import UndeliverableState, upsert_for
+from certsync.delivery.requests import UndeliverableState, request_for
 from certsync.delivery.sinks import ReplaySink
 from certsync.delivery.sync_service import HLFDynamicsSyncService, Outcome
 from certsync.resilience.clock import Clock
@@ -53,12 +55,19 @@ class ReplaySummary:
 
 class ReplayService:
     def __init__(
-        self, queue: RetryQueue, service: HLFDynamicsSyncService, clock: Clock, zone: ZoneInfo
+        self,
+        queue: RetryQueue,
+        service: HLFDynamicsSyncService,
+        clock: Clock,
+        zone: ZoneInfo,
+        *,
+        organisation_id: UUID | None = None,
     ) -> None:
         self._queue = queue
         self._service = service
         self._clock = clock
         self._zone = zone
+        self._organisation_id = organisation_id
 
     async def replay(self, entry_id: int, *, by: str) -> ReplayResult:
         """Replay one entry (NotFound if there is none). Replayed or discarded entries are skipped."""
@@ -66,15 +75,24 @@ class ReplayService:
         if not entry.actionable:
             return ReplayResult(entry_id, "skipped", 0, f"already {entry.status}")
         certification_id = entry.certification_id
-        state = await self._queue.current_state(certification_id) if certification_id else None
-        if state is None:
-            return await self._unreplayable(entry_id, by, "the certification no longer exists")
+        if certification_id is None:
+            return await self._unreplayable(entry_id, by, "the entry names no certification")
+        current = await self._queue.current_state(certification_id, organisation_id=self._organisation_id)
         now = self._clock.now()
         try:
-            # A new request: what it carries may differ from the failed one.
-            request = upsert_for(uuid.uuid4(), now, state, now.astimezone(self._zone).date())
+            # A new request: what it carries may differ from the failed one. A replay may always
+            # unlist: whatever failed, the portal must end up with what the database says now.
+            request = request_for(
+                uuid.uuid4(),
+                now,
+                certification_id,
+                current,
+                may_unlist=True,
+                today=now.astimezone(self._zone).date(),
+            )
         except UndeliverableState as exc:
             return await self._unreplayable(entry_id, by, str(exc))
+        assert request is not None, "a request that may unlist is always a PUT or a DELETE"
         outcome = await self._service.deliver(
             request,
             operation_type=entry.operation_type,

@@ -1,4 +1,5 @@
-"""HLFDynamicsSyncService: delivers one certification state to Dynamics, or records why it could not.
+"""HLFDynamicsSyncService: delivers one certification change to Dynamics (its current state, or its
+removal), or records why it could not.
 
 One operation, one ``for`` loop::
 
@@ -26,7 +27,7 @@ from uuid import UUID
 
 import structlog
 
-from certsync.dynamics.contract import CertificationUpsert
+from certsync.delivery.requests import PortalRequest
 from certsync.dynamics.errors import (
     AuthenticationError,
     DynamicsError,
@@ -34,7 +35,7 @@ from certsync.dynamics.errors import (
     RateLimitedError,
     TransientDynamicsError,
 )
-from certsync.dynamics.port import Portal
+from certsync.dynamics.port import CertificationDelete, Portal
 from certsync.resilience.breaker import CircuitOpenError, CircuitState, DynamicsCircuitBreaker
 from certsync.resilience.clock import Clock, Sleep
 from certsync.resilience.gate import SendGate
@@ -81,18 +82,19 @@ class DeliveryOutcome:
 class _Operation:
     """One ``deliver`` call's inputs, handed to each step instead of seven arguments."""
 
-    request: CertificationUpsert
+    request: PortalRequest
     operation_type: str
     sink: FailureSink
     when_open: Literal["hold", "queue"]
 
     def log_fields(self) -> dict[str, object]:
         """What every log line about this delivery carries, built only when there is a line to write."""
+        request = self.request
         return {
             "operation": self.operation_type,
-            "event_id": str(self.request.event_id),
-            "certification_id": str(self.request.certification.id),
-            "version": self.request.certification.version,
+            "event_id": str(request.event_id),
+            "certification_id": str(request.certification_id),
+            "version": None if isinstance(request, CertificationDelete) else request.certification.version,
         }
 
 
@@ -134,13 +136,13 @@ class HLFDynamicsSyncService:
 
     async def deliver(
         self,
-        request: CertificationUpsert,
+        request: PortalRequest,
         *,
         operation_type: str,
         sink: FailureSink | None = None,
         when_open: Literal["hold", "queue"] = "queue",
     ) -> DeliveryOutcome:
-        """Send one upsert through the retry loop and breaker; record it in ``sink`` if it fails.
+        """Send one upsert or delete through the retry loop and breaker; record it in ``sink`` if it fails.
 
         ``when_open="hold"`` (the worker): if the circuit is open before the first call, return HELD so
         the event waits in the outbox. ``"queue"``: record it as pending instead.
@@ -164,8 +166,12 @@ class HLFDynamicsSyncService:
         except CircuitOpenError as exc:
             return await self._refused_by_circuit(operation, exc, made=number - 1, last=last)
         started = self._clock.now()
+        request = operation.request
         try:
-            await self._portal.upsert_certification(operation.request)
+            if isinstance(request, CertificationDelete):
+                await self._portal.delete_certification(request)
+            else:
+                await self._portal.upsert_certification(request)
         except PermanentDynamicsError as exc:
             # The portal answered, so it is healthy: a refusal of this request is not an outage.
             await self._breaker.record_success()
@@ -230,7 +236,7 @@ class HLFDynamicsSyncService:
         await operation.sink.record(
             DeliveryFailure(
                 operation_type=operation.operation_type,
-                certification_id=request.certification.id,
+                certification_id=request.certification_id,
                 event_id=request.event_id,
                 payload=request.to_json_dict(),
                 failure_reason=reason,
@@ -243,7 +249,7 @@ class HLFDynamicsSyncService:
             "delivery_queued",
             operation=operation.operation_type,
             event_id=str(request.event_id),
-            certification_id=str(request.certification.id),
+            certification_id=str(request.certification_id),
             queue_status=status,
             attempts=attempts,
             reason=reason,

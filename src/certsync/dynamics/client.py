@@ -184,6 +184,7 @@ class DynamicsClient:
                     content=content,
                     log_fields={"event_id": event_id} if event_id is not None else None,
                     instrumentation=self._instrumentation,
+                    absent_is_done=done_if_absent,
                 )
 
             return await (exchange() if self._gate is None else paced(self._gate, exchange))

@@ -56,6 +56,10 @@ class CertificationUpsert(BaseModel):
             publicly_listed=is_publicly_listed(state.status, state.valid_until, today),
         )
 
+    @property
+    def certification_id(self) -> UUID:
+        return self.certification.id
+
     @field_serializer("occurred_at")
     def _utc_z(self, value: datetime) -> str:
         if value.tzinfo is None:

@@ -71,8 +71,10 @@ async def send(
     form: Mapping[str, str] | None = None,
     log_fields: Mapping[str, object] | None = None,
     instrumentation: Instrumentation | None = None,
+    absent_is_done: bool = False,
 ) -> httpx.Response:
-    """One HTTP exchange with the portal or its token endpoint: transport failures mapped, one log line.
+    """One HTTP exchange with the portal or its token endpoint: transport failures mapped, one log line
+    (a warning for a failure; ``absent_is_done``: a 404 is the outcome asked for, as for a delete).
 
     Raises ``TransientDynamicsError`` for timeouts and transport errors; any response is returned
     unclassified (the caller decides when to classify, e.g. after a 401 refresh).
@@ -98,7 +100,8 @@ async def send(
         raise error from exc
     if instrumentation is not None:
         instrumentation.emit(RequestFinished(method, response.status_code, _seconds_since(started, clock)))
-    emit = log.info if response.is_success else log.warning
+    done = response.is_success or (absent_is_done and response.status_code == httpx.codes.NOT_FOUND)
+    emit = log.info if done else log.warning
     emit(
         "dynamics_request",
         method=method,

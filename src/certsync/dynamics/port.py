@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Protocol
+from datetime import UTC, datetime
+from typing import Any, Protocol
 from uuid import UUID
 
 from certsync.dynamics.contract import CertificationStatusName, CertificationUpsert
@@ -43,6 +43,15 @@ class CertificationDelete:
     event_id: UUID
     certification_id: UUID
     occurred_at: datetime
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """What the retry queue keeps of it: ids and a time, nothing about the person."""
+        return {
+            "operation": "delete",
+            "event_id": str(self.event_id),
+            "certification_id": str(self.certification_id),
+            "occurred_at": self.occurred_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+        }
 
 
 @dataclass(frozen=True, slots=True)

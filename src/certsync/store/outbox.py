@@ -16,6 +16,7 @@ from uuid import UUID
 import psycopg
 import structlog
 
+from certsync.store.current_state import GONE, CurrentState
 from certsync.store.db import fetch, transaction
 from certsync.store.errors import first_line
 from certsync.store.pool import Pool
@@ -29,7 +30,12 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class ClaimedEvent:
-    """One claimed outbox event: the newest state of its certification, ours until the lease ends."""
+    """One claimed outbox event: the newest of its certification's, ours until the lease ends.
+
+    ``state`` is what the event captured (history); ``current`` is what the database holds now, read
+    in the claim's snapshot, and is what is sent. ``may_unlist``: this event or one it superseded may
+    have taken the certification off the portal (a delete, a membership change, a repair).
+    """
 
     id: UUID
     certification_id: UUID
@@ -39,6 +45,8 @@ class ClaimedEvent:
     occurred_at: datetime
     attempts: int
     claim_token: UUID
+    current: CurrentState = GONE
+    may_unlist: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,9 +66,10 @@ class OutboxDepth:
 class Outbox:
     """Claims and closes outbox events for one worker (``worker_id`` is recorded on each claim)."""
 
-    def __init__(self, pool: Pool, worker_id: str) -> None:
+    def __init__(self, pool: Pool, worker_id: str, *, organisation_id: UUID | None = None) -> None:
         self._pool = pool
         self.worker_id = worker_id
+        self.organisation_id = organisation_id
 
     async def rescue_expired(self, now: datetime) -> int:
         rows = await fetch(self._pool, "rescue_expired_claims", {"now": now})
@@ -76,6 +85,7 @@ class Outbox:
                 "scan": limit * 2,
                 "worker": self.worker_id,
                 "lease_seconds": lease_seconds,
+                "organisation_id": self.organisation_id,
             },
         )
         events = tuple(
@@ -88,6 +98,8 @@ class Outbox:
                 occurred_at=r["occurred_at"],
                 attempts=r["attempts"],
                 claim_token=r["claim_token"],
+                current=CurrentState(r["current_state"], bool(r["in_scope"])),
+                may_unlist=bool(r["may_unlist"]),
             )
             for r in rows
         )

@@ -12,6 +12,7 @@ from uuid import UUID
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 
+from certsync.store.current_state import GONE, CurrentState
 from certsync.store.db import fetch, transaction
 from certsync.store.errors import NotFound
 from certsync.store.pool import Pool
@@ -223,10 +224,18 @@ class RetryQueue:
         )
         return bool(rows)
 
-    async def current_state(self, certification_id: UUID) -> dict[str, Any] | None:
-        """The certification's state now, as the portal would receive it; None if it no longer exists."""
-        rows = await fetch(self._pool, "current_certification_state", {"id": certification_id})
-        return dict(rows[0]["state"]) if rows else None
+    async def current_state(
+        self, certification_id: UUID, *, organisation_id: UUID | None = None
+    ) -> CurrentState:
+        """The certification now, as the portal would receive it, and whether it is in scope."""
+        rows = await fetch(
+            self._pool,
+            "current_certification_state",
+            {"id": certification_id, "organisation_id": organisation_id},
+        )
+        if not rows:
+            return GONE
+        return CurrentState(dict(rows[0]["state"]), bool(rows[0]["in_scope"]))
 
     async def counts(self) -> dict[str, tuple[int, datetime | None]]:
         rows = await fetch(self._pool, "retry_queue_counts", {})

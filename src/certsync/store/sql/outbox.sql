@@ -15,6 +15,12 @@ returning id;
 -- claiming it at this moment) and none of its events is in flight. FOR UPDATE re-checks each row's
 -- latest version, so an event another worker has just claimed is never taken twice; the unique
 -- index on in-flight events is the last guard.
+--
+-- What is sent is decided from the database as it is now, in this statement's snapshot: the
+-- certification's current state (null when it is gone), whether its mentor is in the portal's
+-- organisation scope (%(organisation_id)s, null: every organisation), and whether any of the claimed
+-- or superseded events may have unlisted it (a delete, a membership change, a repair), which makes
+-- an out-of-scope certification a DELETE rather than no request at all.
 with due as (
   -- A bounded walk of the waiting index, oldest first: the cost of a claim does not grow with the
   -- backlog (grouping every waiting event cost 5.5 ms per claim at 20k).
@@ -34,19 +40,24 @@ candidates as materialized (
   limit %(scan)s
 ),
 locked as (
-  select e.id, e.certification_id, e.certification_version
+  select e.id, e.certification_id, e.certification_version, e.capture_seq, e.operation_type
   from public.certification_sync_events e
   where e.certification_id in (select certification_id from candidates)
     and e.status = 'waiting' and e.available_at <= %(now)s
   for update skip locked
 ),
 per_certification as (
-  select l.certification_id, max(l.certification_version) as newest, count(*) as locked_count
+  -- The newest event by version, then by capture order (a membership change keeps the version).
+  select l.certification_id,
+         (array_agg(l.id order by l.certification_version desc, l.capture_seq desc))[1] as newest_id,
+         count(*) as locked_count,
+         bool_or(l.operation_type in ('certification.deleted', 'certification.membership_changed',
+                                      'certification.repaired')) as may_unlist
   from locked l
   group by l.certification_id
 ),
 claimable as (
-  select p.certification_id, p.newest
+  select p.certification_id, p.newest_id, p.may_unlist
   from per_certification p
   where p.locked_count = (
       select count(*) from public.certification_sync_events w
@@ -61,10 +72,10 @@ claimed as (
   update public.certification_sync_events e
   set status = 'in_flight', claim_token = gen_random_uuid(), claimed_by = %(worker)s,
       lease_until = %(now)s + make_interval(secs => %(lease_seconds)s), attempts = e.attempts + 1
-  from claimable c, locked l
-  where l.id = e.id and l.certification_id = c.certification_id and l.certification_version = c.newest
+  from claimable c
+  where e.id = c.newest_id
   returning e.id, e.certification_id, e.certification_version, e.operation_type, e.state, e.occurred_at,
-            e.attempts, e.claim_token
+            e.attempts, e.claim_token, c.may_unlist
 ),
 superseded as (
   update public.certification_sync_events e
@@ -73,8 +84,13 @@ superseded as (
   where l.id = e.id and l.certification_id = k.certification_id and e.id <> k.id
   returning e.id
 )
-select k.*, (select count(*) from superseded) as superseded_count
+select k.*,
+       case when c.id is not null then private.certification_sync_state(c) end as current_state,
+       c.id is not null
+         and private.peer_mentor_in_organisation(c.peer_mentor_id, %(organisation_id)s::uuid) as in_scope,
+       (select count(*) from superseded) as superseded_count
 from claimed k
+left join public.certifications c on c.id = k.certification_id
 order by k.occurred_at, k.id;
 
 -- name: mark_delivered

@@ -68,5 +68,8 @@ from public.dynamics_sync_retry_queue
 group by status;
 
 -- name: current_certification_state
--- A replay sends the certification as it is now, in the same shape the capture trigger records.
-select private.certification_sync_state(c) as state from public.certifications c where c.id = %(id)s;
+-- A replay sends the certification as it is now, in the same shape the capture trigger records, and
+-- only while its mentor is in the portal's organisation scope (%(organisation_id)s, null: every one).
+select private.certification_sync_state(c) as state,
+       private.peer_mentor_in_organisation(c.peer_mentor_id, %(organisation_id)s::uuid) as in_scope
+from public.certifications c where c.id = %(id)s;
