@@ -57,6 +57,7 @@ def _print_summary(stats: WorkerStats) -> None:
         ("requires investigation", stats.queued_investigation),
         ("superseded by a newer state", stats.superseded),
         ("held while the circuit was open", stats.held),
+        ("not sent (outside the portal's organisation)", stats.out_of_scope),
         ("expired by the sweep", stats.expired_by_sweep),
         ("rescued from a dead worker", stats.rescued),
     ]
