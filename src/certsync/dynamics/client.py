@@ -12,7 +12,7 @@ that sends wait for the window to free instead of collecting 429s.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from uuid import UUID
 
 import httpx
@@ -21,7 +21,8 @@ from pydantic import BaseModel, Field
 
 from certsync.dynamics.auth import TokenProvider
 from certsync.dynamics.contract import CONTRACT_VERSION, CertificationStatusName, CertificationUpsert
-from certsync.dynamics.http import classify_response, paced, parse_body, send
+from certsync.dynamics.exchange import AuthorisedExchange
+from certsync.dynamics.http import parse_body
 from certsync.dynamics.port import CertificationDelete, ContractCheck, DeliveryReceipt, PortalHolding
 from certsync.dynamics.signing import RequestSigner
 from certsync.resilience.clock import Clock, SystemClock
@@ -80,14 +81,18 @@ class DynamicsClient:
         gate: SendGate | None = None,
         instrumentation: Instrumentation | None = None,
     ) -> None:
-        self._http = http
         self._base_url = base_url.rstrip("/")
-        self._tokens = tokens
         self._signer = signer
         self._clock: Clock = clock if clock is not None else SystemClock()
-        self._timeout = timeout
-        self._gate = gate
-        self._instrumentation = instrumentation
+        self._exchange = AuthorisedExchange(
+            http,
+            self._base_url,
+            tokens,
+            clock=self._clock,
+            timeout=timeout,
+            gate=gate,
+            instrumentation=instrumentation,
+        )
 
     async def upsert_certification(self, body: CertificationUpsert) -> DeliveryReceipt:
         """PUT one certification's state; raises a ``DynamicsError`` unless the portal answered 2xx."""
@@ -167,36 +172,9 @@ class DynamicsClient:
         event_id: str | None = None,
         done_if_absent: bool = False,
     ) -> httpx.Response:
-        """One request with a bearer token; a 401 gets exactly one retry with a freshly fetched token.
-
-        ``done_if_absent``: a 404 is the outcome asked for (a delete of what the portal does not hold).
-        """
-
-        async def attempt(token: str) -> httpx.Response:
-            def exchange() -> Awaitable[httpx.Response]:
-                return send(
-                    self._http,
-                    method,
-                    self._base_url + path,
-                    clock=self._clock,
-                    request_timeout=self._timeout,
-                    headers={**(headers or {}), "Authorization": f"Bearer {token}"},
-                    content=content,
-                    log_fields={"event_id": event_id} if event_id is not None else None,
-                    instrumentation=self._instrumentation,
-                    absent_is_done=done_if_absent,
-                )
-
-            return await (exchange() if self._gate is None else paced(self._gate, exchange))
-
-        token = await self._tokens.token()
-        response = await attempt(token)
-        if response.status_code == httpx.codes.UNAUTHORIZED:
-            await self._tokens.invalidate(token)
-            response = await attempt(await self._tokens.token())
-        if not (done_if_absent and response.status_code == httpx.codes.NOT_FOUND):
-            classify_response(response, self._clock.now())
-        return response
+        return await self._exchange.request(
+            method, path, headers=headers, content=content, event_id=event_id, done_if_absent=done_if_absent
+        )
 
 
 def encode_body(body: CertificationUpsert) -> bytes:

@@ -119,12 +119,24 @@ def transport_failure(exc: httpx.TransportError) -> TransientDynamicsError:
     return TransientDynamicsError(f"{kind}: {type(exc).__name__}")
 
 
-def classify_response(response: httpx.Response, now: datetime) -> None:
-    """Return for 2xx; otherwise raise the mapped ``DynamicsError`` (see the module docstring's table)."""
+def classify_response(
+    response: httpx.Response,
+    now: datetime,
+    *,
+    detail: Callable[[httpx.Response], str | None] | None = None,
+) -> None:
+    """Return for 2xx; otherwise raise the mapped ``DynamicsError`` (see the module docstring's table).
+
+    The reason is the status and its phrase; ``detail`` may add what the wire's error body says (the
+    Dataverse adapter adds its OData error code and message; contract v1 adds nothing from the body).
+    """
     status = response.status_code
     if response.is_success:
         return
     reason = _describe(status)
+    extra = detail(response) if detail is not None else None
+    if extra:
+        reason = f"{reason}: {extra}"
     if status == httpx.codes.UNAUTHORIZED:
         raise AuthenticationError(reason, status=status)
     if status == httpx.codes.TOO_MANY_REQUESTS:
