@@ -22,7 +22,7 @@ from tests.support.databases import (
 
 # The RLS fixtures (superuser, api, hierarchy, world) for every module that needs them; a module's own
 # fixture of the same name (the console tests' `api`) still takes precedence.
-pytest_plugins = ["tests.support.rls"]
+pytest_plugins = ["tests.support.rls", "tests.support.entra"]
 
 
 @pytest.fixture(autouse=True)

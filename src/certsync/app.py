@@ -26,6 +26,8 @@ from certsync.delivery.status import SystemStatus, read_system_status
 from certsync.delivery.sync_service import HLFDynamicsSyncService
 from certsync.dynamics.auth import ClientCredentialsTokenProvider, StaticTokenProvider, TokenProvider
 from certsync.dynamics.client import DynamicsClient
+from certsync.dynamics.dataverse import MAX_CONCURRENT_REQUESTS, DataverseClient
+from certsync.dynamics.entra import EntraIdTokenProvider
 from certsync.dynamics.port import ContractCheck, Portal
 from certsync.dynamics.signing import RequestSigner
 from certsync.errors import ConfigurationError
@@ -98,6 +100,9 @@ def breaker_for(
 def token_provider_from(
     settings: Settings, http: httpx.AsyncClient, clock: Clock, instrumentation: Instrumentation | None = None
 ) -> TokenProvider:
+    """Entra ID through msal (a tenant is set), the plain OAuth2 flow (a token URL), or a static token."""
+    if settings.dynamics_tenant_id:
+        return entra_token_provider_from(settings)
     if settings.dynamics_token_url:
         if not settings.dynamics_client_id or settings.dynamics_client_secret is None:
             raise ConfigurationError(
@@ -109,7 +114,7 @@ def token_provider_from(
             settings.dynamics_token_url,
             client_id=settings.dynamics_client_id,
             client_secret=settings.dynamics_client_secret.get_secret_value(),
-            scope=settings.dynamics_scope or "",
+            scope=token_scope(settings),
             clock=clock,
             timeout=settings.http_timeout,
             instrumentation=instrumentation,
@@ -117,8 +122,45 @@ def token_provider_from(
     if settings.dynamics_token is not None:
         return StaticTokenProvider(settings.dynamics_token.get_secret_value())
     raise ConfigurationError(
-        "CERTSYNC_DYNAMICS_TOKEN or CERTSYNC_DYNAMICS_TOKEN_URL (with client id and secret) must be set"
+        "CERTSYNC_DYNAMICS_TOKEN, CERTSYNC_DYNAMICS_TENANT_ID (Entra ID) or CERTSYNC_DYNAMICS_TOKEN_URL"
+        " (with client id and secret) must be set"
     )
+
+
+def token_scope(settings: Settings) -> str:
+    """``CERTSYNC_DYNAMICS_SCOPE``; in dataverse mode it defaults to ``{base}/.default``."""
+    if settings.dynamics_scope:
+        return settings.dynamics_scope
+    if settings.dynamics_api == "dataverse" and settings.dynamics_base_url:
+        return settings.dynamics_base_url.rstrip("/") + "/.default"
+    return ""
+
+
+def entra_token_provider_from(settings: Settings) -> EntraIdTokenProvider:
+    if not settings.dynamics_client_id:
+        raise ConfigurationError("CERTSYNC_DYNAMICS_CLIENT_ID must be set with CERTSYNC_DYNAMICS_TENANT_ID")
+    secret = settings.dynamics_client_secret
+    certificate = settings.dynamics_client_certificate
+    if (secret is None) == (certificate is None):
+        raise ConfigurationError(
+            "with CERTSYNC_DYNAMICS_TENANT_ID set exactly one of CERTSYNC_DYNAMICS_CLIENT_SECRET and"
+            " CERTSYNC_DYNAMICS_CLIENT_CERTIFICATE"
+        )
+    scope = token_scope(settings)
+    if not scope:
+        raise ConfigurationError("CERTSYNC_DYNAMICS_SCOPE must be set with CERTSYNC_DYNAMICS_TENANT_ID")
+    try:
+        return EntraIdTokenProvider(
+            tenant_id=settings.dynamics_tenant_id or "",
+            client_id=settings.dynamics_client_id,
+            scope=scope,
+            client_secret=secret.get_secret_value() if secret is not None else None,
+            certificate_path=certificate,
+            authority_host=settings.dynamics_authority_host,
+            timeout=settings.http_timeout,
+        )
+    except ValueError as exc:
+        raise ConfigurationError(f"CERTSYNC_DYNAMICS_CLIENT_CERTIFICATE: {exc}") from None
 
 
 def portal_from(
@@ -130,11 +172,30 @@ def portal_from(
 ) -> Portal:
     """The adapter for the wire ``CERTSYNC_DYNAMICS_API`` names."""
     if settings.dynamics_api == "dataverse":
-        raise ConfigurationError(
-            "CERTSYNC_DYNAMICS_API=dataverse: this version speaks only contract-v1 to the portal"
-            " (the Dataverse adapter is not built yet)"
-        )
+        return dataverse_client_from(settings, http, clock, gate, instrumentation)
     return dynamics_client_from(settings, http, clock, gate, instrumentation)
+
+
+def dataverse_client_from(
+    settings: Settings,
+    http: httpx.AsyncClient,
+    clock: Clock,
+    gate: SendGate | None = None,
+    instrumentation: Instrumentation | None = None,
+) -> DataverseClient:
+    if not settings.dynamics_base_url:
+        raise ConfigurationError("CERTSYNC_DYNAMICS_BASE_URL is not set (the environment URL)")
+    return DataverseClient(
+        http,
+        settings.dynamics_base_url,
+        token_provider_from(settings, http, clock, instrumentation),
+        table=settings.dataverse_table,
+        entity_set=settings.dataverse_entity_set,
+        clock=clock,
+        timeout=settings.http_timeout,
+        gate=gate,
+        instrumentation=instrumentation,
+    )
 
 
 def dynamics_client_from(
@@ -257,6 +318,12 @@ class Runtime:
         return Outbox(self.pool, worker_id(), organisation_id=self.settings.dynamics_organisation_id)
 
     def worker(self, options: WorkerOptions | None = None, *, listen: bool = True) -> SyncWorker:
+        concurrency = (options or WorkerOptions()).concurrency
+        if self.settings.dynamics_api == "dataverse" and concurrency > MAX_CONCURRENT_REQUESTS:
+            raise ConfigurationError(
+                f"--concurrency {concurrency}: Dataverse allows at most {MAX_CONCURRENT_REQUESTS}"
+                " concurrent requests per user"
+            )
         if self.settings.sync_enabled and self.settings.dynamics_organisation_id is None:
             log.warning(
                 "organisation_scope_unset",

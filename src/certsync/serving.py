@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Self
 
@@ -27,11 +28,20 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def base_url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+def base_url(host: str, port: int, *, tls: bool = False) -> str:
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
-def _config(app: Any, host: str, port: int, lifespan: Lifespan) -> uvicorn.Config:
+@dataclass(frozen=True, slots=True)
+class Tls:
+    """A certificate chain and its key (PEM files): serve HTTPS, for clients that speak nothing else."""
+
+    certfile: str
+    keyfile: str
+
+
+def _config(app: Any, host: str, port: int, lifespan: Lifespan, tls: Tls | None = None) -> uvicorn.Config:
     # Our own structlog lines replace uvicorn's access log; uvicorn keeps its warnings and errors.
     return uvicorn.Config(
         app,
@@ -42,6 +52,8 @@ def _config(app: Any, host: str, port: int, lifespan: Lifespan) -> uvicorn.Confi
         log_config=None,
         log_level="warning",
         timeout_graceful_shutdown=2,
+        ssl_certfile=tls.certfile if tls is not None else None,
+        ssl_keyfile=tls.keyfile if tls is not None else None,
     )
 
 
@@ -78,8 +90,10 @@ class BackgroundServer:
         port: int = 0,
         lifespan: Lifespan = "off",
         name: str = "certsync-server",
+        tls: Tls | None = None,
     ) -> None:
         self.app = app
+        self._tls = tls
         self._host = host
         self._requested_port = port
         self._lifespan = lifespan
@@ -93,7 +107,7 @@ class BackgroundServer:
         """The base URL, e.g. ``http://127.0.0.1:54321``."""
         if self._port is None:
             raise RuntimeError(f"{self._name} is not started")
-        return base_url(self._host, self._port)
+        return base_url(self._host, self._port, tls=self._tls is not None)
 
     def start(self, timeout: float = 15.0) -> None:
         """Bind, serve in the background, and return once uvicorn accepts connections."""
@@ -101,7 +115,7 @@ class BackgroundServer:
             raise RuntimeError(f"{self._name} is already started")
         sock = bind(self._host, self._requested_port)
         self._port = sock.getsockname()[1]
-        server = uvicorn.Server(_config(self.app, self._host, self._port, self._lifespan))
+        server = uvicorn.Server(_config(self.app, self._host, self._port, self._lifespan, self._tls))
         self._server = server
         self._thread = threading.Thread(
             target=server.run, kwargs={"sockets": [sock]}, name=self._name, daemon=True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Literal
 from uuid import UUID
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -36,6 +37,21 @@ class Settings(BaseSettings):
     dynamics_client_secret: SecretStr | None = None
     dynamics_scope: str | None = None
     dynamics_signing_secret: SecretStr | None = None
+    dynamics_tenant_id: str | None = Field(
+        default=None, description="Entra ID tenant: tokens come from Entra ID through msal"
+    )
+    dynamics_client_certificate: Path | None = Field(
+        default=None, description="PEM file with a certificate and its key, instead of a client secret"
+    )
+    dynamics_authority_host: str = Field(
+        default="https://login.microsoftonline.com",
+        description="Entra ID's authority host (another cloud: e.g. https://login.microsoftonline.us)",
+    )
+    dataverse_table: str = Field(default="hlf_certification", pattern=r"^[a-z][a-z0-9_]{0,63}$")
+    dataverse_entity_set: str = Field(default="hlf_certifications", pattern=r"^[a-z][a-z0-9_]{0,63}$")
+    dataverse_batch_size: int = Field(
+        default=100, ge=1, le=1000, description="most targets in one UpsertMultiple; 1: one PATCH per change"
+    )
     dynamics_rate_window_seconds: float = Field(
         default=300.0,
         gt=0.0,

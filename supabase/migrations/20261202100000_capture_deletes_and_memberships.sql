@@ -21,6 +21,8 @@ alter table public.certification_sync_events
 -- change the certification): the claim orders them by version, then by capture order.
 alter table public.certification_sync_events
   add column capture_seq bigint generated always as identity;
+-- Supabase's default privileges grant the API roles every new sequence in public (20261201110000).
+revoke all on sequence public.certification_sync_events_capture_seq_seq from public, anon, authenticated;
 
 -- Retention deletes closed events by age, a small batch at a time (superseded ones too).
 drop index public.certification_sync_events_closed_at_idx;

@@ -10,6 +10,7 @@ import certsync.resilience as resilience
 from certsync.app import portal_from
 from certsync.cli._common import run
 from certsync.domain.certification import InvalidRenewalEntry
+from certsync.dynamics.dataverse import DataverseClient
 from certsync.dynamics.errors import ContractMismatchError, TransientDynamicsError
 from certsync.errors import BadInput, CertsyncError, ConfigurationError, NotFound
 from certsync.resilience.testing import ManualClock
@@ -57,7 +58,7 @@ def test_a_portal_error_reads_as_the_portals_to_an_operator() -> None:
     )
 
 
-async def test_the_dataverse_wire_is_refused_as_configuration_until_it_is_built() -> None:
+async def test_the_dataverse_wire_builds_the_dataverse_adapter() -> None:
     settings = Settings(
         _env_file=None,
         dynamics_base_url="https://hlf.crm4.dynamics.com",
@@ -65,8 +66,7 @@ async def test_the_dataverse_wire_is_refused_as_configuration_until_it_is_built(
         dynamics_api="dataverse",
     )
     async with httpx.AsyncClient() as http:
-        with pytest.raises(ConfigurationError, match="CERTSYNC_DYNAMICS_API=dataverse"):
-            portal_from(settings, http, ManualClock())
+        assert isinstance(portal_from(settings, http, ManualClock()), DataverseClient)
 
 
 def test_resilience_exports_the_seeds_names() -> None:
