@@ -399,6 +399,8 @@ class PeriodicReconcile:
             await self._pause(stop, self._check)
 
     async def _pause(self, stop: asyncio.Event, seconds: float) -> None:
+        if stop.is_set():
+            return
         sleeping = asyncio.ensure_future(self._sleep(seconds))
         stopping = asyncio.ensure_future(stop.wait())
         try:
