@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from certsync.app import open_runtime
 from certsync.delivery.status import read_system_status
 from certsync.metrics import SystemStatusCollector
+from certsync.sandbox.faults import FaultScript, FaultStep
 from certsync.sandbox.server import SandboxServer
 from certsync.store.pool import Pool
 from certsync.store.reconcile import ReconcileStore
@@ -474,3 +475,35 @@ async def test_worker_once_does_not_reconcile(pool: Pool, sandbox: SandboxServer
     assert row is not None
     assert row["n"] == 0
     assert str(ids[0]) not in sandbox.sandbox.snapshot()["certifications"]
+
+
+async def test_a_failed_periodic_reconcile_is_tried_again_next_interval_and_never_stops_the_worker(
+    pool: Pool, sandbox: SandboxServer, database_url: str
+) -> None:
+    ids = await delivered(pool, sandbox, database_url)
+    sandbox.sandbox.delete(str(ids[0]))
+    # Nothing waits to be delivered, so the first request the worker makes is its reconcile's listing.
+    sandbox.sandbox.load_faults(FaultScript(steps=(FaultStep(status=503),)))
+    settings = settings_for(database_url, sandbox, reconcile_interval_seconds=1.0)
+
+    async with open_runtime(settings) as rt:
+        worker = rt.worker(FAST, reconcile=True)
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        try:
+            await wait_until(
+                lambda: str(ids[0]) in sandbox.sandbox.snapshot()["certifications"], "the second run's repair"
+            )
+            assert not running.done()
+        finally:
+            stop.set()
+            await running
+
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "select outcome, error from public.reconcile_runs where scheduled order by started_at"
+        )
+        runs = await cur.fetchall()
+    assert runs[0]["outcome"] == "failed"
+    assert "503" in str(runs[0]["error"])
+    assert runs[1]["outcome"] == "mismatches"

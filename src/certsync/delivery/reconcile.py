@@ -179,9 +179,9 @@ async def merge(
                 scan.in_transit += 1
                 return
         kind = classify(held, expected)
-        if kind is not None:
-            cert_id = held.certification_id if held is not None else expected.certification_id  # type: ignore[union-attr]
-            scan.mismatches.append(Mismatch(cert_id, kind, held, expected))
+        side = held if held is not None else expected
+        if kind is not None and side is not None:
+            scan.mismatches.append(Mismatch(side.certification_id, kind, held, expected))
 
     async with (
         aclosing(_ascending(portal, "portal")) as portal_items,
