@@ -20,6 +20,7 @@ import httpx
 import structlog
 
 from certsync.delivery.queue import QueueService
+from certsync.delivery.reconcile import PeriodicReconcile, Reconciler
 from certsync.delivery.replay import ReplayService
 from certsync.delivery.sinks import RetryQueueSink
 from certsync.delivery.status import SystemStatus, read_system_status
@@ -47,9 +48,10 @@ from certsync.store.embedded import embedded_database_url
 from certsync.store.migrations import MigrationReport, migrate
 from certsync.store.outbox import Outbox, OutboxListener
 from certsync.store.pool import Pool, open_pool
+from certsync.store.reconcile import ReconcileStore
 from certsync.store.retry_queue import RetryQueue
 from certsync.store.sweep import expire_due
-from certsync.worker import SyncWorker, WorkerOptions, today_in
+from certsync.worker import Companion, SyncWorker, WorkerOptions, today_in
 
 log = structlog.get_logger(__name__)
 
@@ -317,7 +319,32 @@ class Runtime:
     def outbox(self) -> Outbox:
         return Outbox(self.pool, worker_id(), organisation_id=self.settings.dynamics_organisation_id)
 
-    def worker(self, options: WorkerOptions | None = None, *, listen: bool = True) -> SyncWorker:
+    def reconciler(self) -> Reconciler:
+        """``certsync reconcile`` and the worker's periodic reconcile: the portal's listing against the
+        database's, in this portal's organisation scope, with "today" where ``CERTSYNC_TIMEZONE`` says."""
+        return Reconciler(
+            self.portal(),
+            ReconcileStore(self.pool),
+            clock=self.clock,
+            today=self.today,
+            organisation_id=self.settings.dynamics_organisation_id,
+        )
+
+    def periodic_reconcile(self) -> PeriodicReconcile | None:
+        """The worker's companion that reconciles every ``CERTSYNC_RECONCILE_INTERVAL_SECONDS`` (0: none;
+        none either with sync off: a repair would only wait in the outbox)."""
+        interval = self.settings.reconcile_interval_seconds
+        if interval <= 0 or not self.settings.sync_enabled:
+            return None
+        return PeriodicReconcile(
+            self.reconciler(), interval_seconds=interval, sleep=self.sleep, started_by=f"worker {worker_id()}"
+        )
+
+    def worker(
+        self, options: WorkerOptions | None = None, *, listen: bool = True, reconcile: bool = False
+    ) -> SyncWorker:
+        """``reconcile``: run the periodic reconcile beside the deliveries (``certsync worker`` does,
+        ``worker --once`` does not)."""
         concurrency = (options or WorkerOptions()).concurrency
         if self.settings.dynamics_api == "dataverse" and concurrency > MAX_CONCURRENT_REQUESTS:
             raise ConfigurationError(
@@ -330,6 +357,10 @@ class Runtime:
                 hint="CERTSYNC_DYNAMICS_ORGANISATION_ID is not set: every organisation's mentors are sent"
                 " to this portal",
             )
+        companions: tuple[Companion, ...] = (AccessAuditRecorder(self.database_url),) if listen else ()
+        periodic = self.periodic_reconcile() if reconcile else None
+        if periodic is not None:
+            companions = (*companions, periodic)
         return SyncWorker(
             pool=self.pool,
             outbox=self.outbox(),
@@ -339,7 +370,7 @@ class Runtime:
             sleep=self.sleep,
             zone=self.settings.zone,
             listener=OutboxListener(self.database_url) if listen else None,
-            companions=(AccessAuditRecorder(self.database_url),) if listen else (),
+            companions=companions,
             options=options,
         )
 

@@ -9,6 +9,8 @@ Two sources, so that N workers and a console never disagree about the state of t
   delivery events of ``certsync.resilience.instrumentation`` (a hook on the runtime's
   ``Instrumentation``: every HTTP exchange, failed attempt, retry, finished delivery and circuit
   transition); sum them across processes with PromQL. They count whatever the log level.
+  The last finished reconcile's verdict (``certsync_reconcile_mismatches{kind}``, its finish time)
+  comes from ``reconcile_runs`` the same way.
 * ``WorkerStatsCollector`` — the worker's own tallies (superseded, held, rescued, …) from ``WorkerStats``.
 
 ``/metrics`` on the console serves all of them; ``start_worker_metrics`` serves them for a worker.
@@ -28,6 +30,7 @@ from prometheus_client.registry import Collector
 
 from certsync.app import Runtime
 from certsync.delivery.queue import QUEUE_STATUSES
+from certsync.delivery.reconcile import KINDS
 from certsync.delivery.status import SystemStatus, read_system_status
 from certsync.resilience.breaker import CircuitState
 from certsync.resilience.instrumentation import (
@@ -198,6 +201,29 @@ def _status_metrics(status: SystemStatus) -> Iterator[Metric]:
         )
         last.add_metric([], status.last_delivered_at.timestamp())
         yield last
+    yield from _reconcile_metrics(status)
+
+
+def _reconcile_metrics(status: SystemStatus) -> Iterator[Metric]:
+    """The last finished reconcile's verdict, from ``reconcile_runs``: absent until one has finished."""
+    run = status.last_reconcile
+    if run is None:
+        return
+    mismatches = GaugeMetricFamily(
+        "certsync_reconcile_mismatches",
+        "Mismatches between the portal's listing and the database's found by the last finished reconcile,"
+        " by kind.",
+        labels=["kind"],
+    )
+    for kind in KINDS:
+        mismatches.add_metric([str(kind)], run.counts.get(str(kind), 0))
+    yield mismatches
+    finished = GaugeMetricFamily(
+        "certsync_reconcile_last_finished_timestamp_seconds",
+        "When the last reconcile that reached a verdict finished (a failed one does not count).",
+    )
+    finished.add_metric([], run.finished_at.timestamp())
+    yield finished
 
 
 class WorkerStatsCollector(Collector):

@@ -2,7 +2,7 @@
 
 - ``assert_nothing_lost``: every outbox event is closed and has a home (delivered, superseded by a newer
   event of its certification, or queued with its retry-queue row), and every certification's state at
-  the portal is the database's.
+  the portal is the database's, and certsync's own reconcile finds no mismatch and nothing in transit.
 - ``assert_no_leaks``: no log line holds a mentor's name or email, a token or a secret.
 - ``JsonLogCapture`` (in-process runs) and ``WorkerProcesses`` (``certsync worker`` subprocesses, their
   JSON logs in files) give the lines to check; ``RecordingTransport`` remembers every bearer token sent.
@@ -30,6 +30,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
+from zoneinfo import ZoneInfo
 
 import httpx
 import psycopg
@@ -37,11 +38,17 @@ import pytest
 import structlog
 from psycopg import sql
 
+from certsync.delivery.reconcile import Reconciler
+from certsync.dynamics.auth import StaticTokenProvider
+from certsync.dynamics.client import DynamicsClient
 from certsync.logs import configure_logging
+from certsync.resilience.clock import SystemClock
 from certsync.sandbox.faults import FaultScript, Latency
 from certsync.sandbox.server import SandboxServer
 from certsync.sandbox.state import DEFAULT_CLIENT_SECRET, DEFAULT_TOKEN, SandboxConfig
 from certsync.store.pool import Pool
+from certsync.store.reconcile import ReconcileStore
+from certsync.worker import today_in
 from tests.support.cli import cli_env
 from tests.support.databases import create_migrated_template, with_dbname
 
@@ -221,15 +228,34 @@ async def assert_portal_holds_the_database(pool: Pool, sandbox: SandboxServer) -
 
 
 def assert_history_only_grew(sandbox: SandboxServer) -> None:
-    """No older state ever replaced a newer one: each certification's accepted versions strictly rise."""
+    """No older state ever replaced a newer one: each certification's accepted versions never fall. (A
+    version may repeat: contract v1 replaces on an equal version, so a resend is accepted again.)"""
     for cert_id, versions in sandbox.sandbox.snapshot()["history"].items():
-        assert versions == sorted(set(versions)), f"{cert_id}: versions went back: {versions}"
+        assert versions == sorted(versions), f"{cert_id}: versions went back: {versions}"
+
+
+async def assert_listing_agrees(pool: Pool, sandbox: SandboxServer) -> None:
+    """The portal's listing equals the database's, as certsync's own reconcile sees it once drained:
+    no mismatch of any kind, nothing in transit."""
+    async with httpx.AsyncClient(timeout=30.0) as http:
+        reconciler = Reconciler(
+            DynamicsClient(http, sandbox.url, StaticTokenProvider(STATIC_TOKEN)),
+            ReconcileStore(pool),
+            clock=SystemClock(),
+            today=lambda: today_in(ZoneInfo("Europe/Oslo"), SystemClock()),
+            organisation_id=None,
+        )
+        report = await reconciler.reconcile(repair=False, started_by="fault-suite")
+    assert report.mismatches == (), f"reconcile found {report.counts}, e.g. {report.mismatches[:3]}"
+    assert report.in_transit == 0
 
 
 async def assert_nothing_lost(pool: Pool, sandbox: SandboxServer) -> int:
     await assert_every_event_has_a_home(pool)
     assert_history_only_grew(sandbox)
-    return await assert_portal_holds_the_database(pool, sandbox)
+    held = await assert_portal_holds_the_database(pool, sandbox)
+    await assert_listing_agrees(pool, sandbox)
+    return held
 
 
 # HTTP --------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from certsync.cli import (  # noqa: F401
     demo,
     migrate,
     queue,
+    reconcile,
     renewal_events,
     sandbox,
     sweep,

@@ -96,7 +96,7 @@ def worker(
     async def work() -> None:
         async with composition.open_runtime(settings, max_pool_size=concurrency + 4) as rt:
             outbox = rt.outbox()
-            sync_worker = rt.worker(options)
+            sync_worker = rt.worker(options, reconcile=not once)
             if not settings.sync_enabled:
                 depth = await outbox.depth()
                 out.print(

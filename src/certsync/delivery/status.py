@@ -9,9 +9,18 @@ from certsync.resilience.breaker import BreakerStatus, DynamicsCircuitBreaker, T
 from certsync.store.console_queries import ConsoleQueries
 from certsync.store.outbox import Outbox, OutboxDepth
 from certsync.store.pool import Pool
+from certsync.store.reconcile import ReconcileStore, RunSummary
 from certsync.store.retry_queue import RetryQueue
 
-__all__ = ["BreakerStatus", "OutboxDepth", "QueueCount", "SystemStatus", "Transition", "read_system_status"]
+__all__ = [
+    "BreakerStatus",
+    "OutboxDepth",
+    "QueueCount",
+    "RunSummary",
+    "SystemStatus",
+    "Transition",
+    "read_system_status",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +39,8 @@ class SystemStatus:
     queue: dict[str, QueueCount]
     delivered_last_hour: int
     last_delivered_at: datetime | None
+    # The last reconcile that reached a verdict (None: none yet), as every process reads it.
+    last_reconcile: RunSummary | None = None
 
     def queue_count(self, status: str) -> QueueCount:
         return self.queue.get(status, QueueCount(0, None))
@@ -58,4 +69,5 @@ async def read_system_status(pool: Pool, breaker: DynamicsCircuitBreaker, now: d
         queue={status: QueueCount(entries, oldest) for status, (entries, oldest) in counts.items()},
         delivered_last_hour=figures.delivered_since,
         last_delivered_at=figures.last_delivered_at,
+        last_reconcile=await ReconcileStore(pool).last_finished(),
     )
