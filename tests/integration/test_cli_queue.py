@@ -18,6 +18,7 @@ import pytest
 import typer
 
 from certsync.cli import cli
+from certsync.resilience.breaker import DYNAMICS_BREAKER
 from certsync.sandbox.faults import FaultScript, FaultStep
 from certsync.sandbox.server import SandboxServer
 from certsync.sandbox.state import SandboxConfig
@@ -243,6 +244,43 @@ async def test_queue_replay_refuses_while_the_sync_flag_is_off(
     result = await certsync("queue", "replay", str(entry_id), env=env)
     assert result.exit_code == 2
     assert_one_line_error(result)
+    assert puts(sandbox) == []
+
+
+async def test_queue_replay_without_a_portal_names_the_base_url_not_the_flag(
+    pool: Pool, database_url: str
+) -> None:
+    [cert] = await seed_certifications(pool, 1)
+    entry_id = await add_entry(pool, cert)
+    env = cli_env(database_url)
+    del env["CERTSYNC_DYNAMICS_SYNC_ENABLED"]  # never set, as on a first use
+    result = await certsync("queue", "replay", str(entry_id), env=env)
+    assert result.exit_code == 2
+    assert_one_line_error(result)
+    assert "CERTSYNC_DYNAMICS_BASE_URL is not set" in result.stderr
+    assert "SYNC_ENABLED" not in result.stderr
+
+
+async def test_queue_replay_all_with_the_circuit_open_says_nothing_was_replayed_once(
+    pool: Pool, database_url: str, sandbox: SandboxServer
+) -> None:
+    certs = await seed_certifications(pool, 2)
+    for cert in certs:
+        await add_entry(pool, cert)
+    async with pool.connection() as conn:
+        await conn.execute(
+            "insert into public.dynamics_circuit_breakers (name, state, consecutive_failures, opened_at)"
+            " values (%s, 'open', 3, now())"
+            " on conflict (name) do update set state = 'open', opened_at = now()",
+            (DYNAMICS_BREAKER,),
+        )
+
+    result = await certsync("queue", "replay", "--all", env=cli_env(database_url, sandbox.url))
+
+    assert result.exit_code == 1
+    assert "Nothing replayed: the circuit is open until" in result.stdout
+    assert "nothing to replay" not in result.stdout
+    assert "Stopped" not in result.stdout
     assert puts(sandbox) == []
 
 

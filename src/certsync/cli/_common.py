@@ -117,3 +117,10 @@ def run(work: Callable[[], Awaitable[T]]) -> T:
         raise typer.Exit(INTERRUPTED) from None
     except CertsyncError as exc:  # each kind carries its exit code (certsync.errors)
         fail(exc.exit_code, exc.for_operator())
+
+
+def sync_off_reason(settings: Settings) -> str:
+    """Why nothing is sent, naming the variable the operator actually has to set."""
+    if not settings.dynamics_base_url:
+        return "CERTSYNC_DYNAMICS_BASE_URL is not set, so there is no portal to send to"
+    return "CERTSYNC_DYNAMICS_SYNC_ENABLED is false"

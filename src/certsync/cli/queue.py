@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from certsync import app as composition
-from certsync.cli._common import cli, fail, load_settings, out, progress_bar, run
+from certsync.cli._common import cli, fail, load_settings, out, progress_bar, run, sync_off_reason
 from certsync.delivery.queue import (
     QUEUE_STATUSES,
     ReplayResult,
@@ -297,7 +297,7 @@ def replay(
     who = operator(by)
     settings = load_settings()
     if not settings.sync_enabled:
-        fail(2, "CERTSYNC_DYNAMICS_SYNC_ENABLED is false: nothing may be sent, so nothing can be replayed")
+        fail(2, f"{sync_off_reason(settings)}: nothing may be sent, so nothing can be replayed")
 
     async def work() -> ReplaySummary:
         async with composition.open_runtime(settings) as rt:
@@ -323,9 +323,14 @@ def replay(
 
     summary = run(work)
     counted = ", ".join(f"{count} {status}" for status, count in sorted(summary.results.items()))
-    out.print(f"Replay by {escape(who)}: {counted or 'nothing to replay'}.")
-    if summary.stopped_because:
-        out.print(f"[yellow]Stopped: {escape(summary.stopped_because)}[/]; the rest wait, unchanged.")
+    if summary.stopped_because and not counted:
+        out.print(
+            f"[yellow]Nothing replayed: {escape(summary.stopped_because)}[/]; the entries wait, unchanged."
+        )
+    else:
+        out.print(f"Replay by {escape(who)}: {counted or 'nothing to replay'}.")
+        if summary.stopped_because:
+            out.print(f"[yellow]Stopped: {escape(summary.stopped_because)}[/]; the rest wait, unchanged.")
     if summary.failed or summary.stopped_because:
         raise typer.Exit(1)
 

@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from certsync import app as composition
-from certsync.cli._common import cli, fail, load_settings, out, run
+from certsync.cli._common import cli, fail, load_settings, out, run, sync_off_reason
 from certsync.delivery.status import OutboxDepth
 from certsync.metrics import start_worker_metrics
 from certsync.worker import WorkerOptions, WorkerStats
@@ -46,8 +46,9 @@ def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
 
 
 def _waiting(depth: OutboxDepth) -> str:
+    """``3 events wait`` / ``1 event waits``."""
     events = depth.waiting + depth.in_flight
-    return f"{events} event{'s' if events != 1 else ''}"
+    return f"{events} event waits" if events == 1 else f"{events} events wait"
 
 
 def _print_summary(stats: WorkerStats) -> None:
@@ -100,8 +101,8 @@ def worker(
             if not settings.sync_enabled:
                 depth = await outbox.depth()
                 out.print(
-                    "Dynamics sync is off (CERTSYNC_DYNAMICS_SYNC_ENABLED=false): nothing is sent;"
-                    f" {_waiting(depth)} wait in the outbox until it is turned on."
+                    f"Dynamics sync is off ({sync_off_reason(settings)}): nothing is sent;"
+                    f" {_waiting(depth)} in the outbox until it is turned on."
                 )
             elif not once:
                 out.print(
@@ -124,7 +125,7 @@ def worker(
                 probe_at = breaker.next_call_at
                 when = f" (next probe at {probe_at.isoformat(timespec='seconds')})" if probe_at else ""
                 out.print(
-                    f"[yellow]The circuit is {breaker.state}[/]{when}: {_waiting(depth)} wait in the"
+                    f"[yellow]The circuit is {breaker.state}[/]{when}: {_waiting(depth)} in the"
                     " outbox for it to close; run the worker again, or see `certsync breaker status`."
                 )
 
