@@ -351,3 +351,17 @@ async def test_never_more_than_max_concurrent_requests_in_flight() -> None:
 def test_more_than_dataverses_52_concurrent_requests_is_refused() -> None:
     with pytest.raises(ValueError, match="1 to 52"):
         DataverseClient(httpx.AsyncClient(), BASE, StaticTokenProvider(TOKEN), max_concurrent=53)
+
+
+@respx.mock
+async def test_the_probe_is_one_who_am_i(client: DataverseClient) -> None:
+    route = respx.get(f"{API}/WhoAmI").mock(
+        return_value=httpx.Response(200, json={"UserId": str(uuid4()), "BusinessUnitId": str(uuid4())})
+    )
+
+    await client.probe()
+
+    assert route.call_count == 1
+    respx.get(f"{API}/WhoAmI").mock(return_value=httpx.Response(503))
+    with pytest.raises(TransientDynamicsError):
+        await client.probe()

@@ -443,6 +443,19 @@ async def test_contract_versions_reads_the_accepted_versions(
     assert sent(route).headers["Authorization"] == f"Bearer {TOKEN}"
 
 
+async def test_the_probe_is_an_authorised_get_of_the_contract(
+    client: DynamicsClient, router: respx.Router
+) -> None:
+    route = router.get("/api/v1/contract").respond(200, json={"contract_versions": [1]})
+
+    await client.probe()
+
+    assert sent(route).headers["Authorization"] == f"Bearer {TOKEN}"
+    router.get("/api/v1/contract").respond(502)
+    with pytest.raises(TransientDynamicsError):
+        await client.probe()
+
+
 async def test_public_listing_reads_the_listed_peer_mentor_ids(
     client: DynamicsClient, router: respx.Router
 ) -> None:

@@ -152,6 +152,10 @@ class DynamicsClient:
         elapsed = (self._clock.now() - started).total_seconds()
         return DeliveryReceipt(status=response.status_code, elapsed_seconds=elapsed)
 
+    async def probe(self) -> None:
+        """``GET /api/v1/contract``: the portal is up and takes our token."""
+        await self._authorised("GET", CONTRACT_PATH)
+
     async def contract_versions(self) -> tuple[int, ...]:
         """The contract versions the portal accepts now (``GET /api/v1/contract``)."""
         response = await self._authorised("GET", CONTRACT_PATH)

@@ -260,6 +260,11 @@ class DataverseClient:
             )
         return ContractCheck(endpoint, False, f"TABLE MISMATCH: {len(problems)} problem(s)", tuple(problems))
 
+    async def probe(self) -> None:
+        """``GET WhoAmI``: Dataverse is up and takes our token (one request toward the limits)."""
+        async with self._in_flight:
+            await self._exchange.request("GET", "/WhoAmI")
+
     async def _write(
         self, method: str, path: str, event_id: str, content: bytes | None, *, done_if_absent: bool = False
     ) -> DeliveryReceipt:

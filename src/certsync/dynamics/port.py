@@ -92,3 +92,8 @@ class Portal(Protocol):
     async def check_contract(self) -> ContractCheck:
         """Ask the portal whether it accepts what certsync sends (``certsync contract check``)."""
         ...
+
+    async def probe(self) -> None:
+        """The cheapest authorised read the portal answers (a half-open circuit's probe when nothing
+        waits to be sent); raises a ``DynamicsError`` unless it answered 2xx."""
+        ...
