@@ -300,3 +300,51 @@ async def test_429s_pause_sending_but_never_open_the_circuit() -> None:
     assert outcome.outcome is Outcome.DELIVERED
     assert await h.state() is CircuitState.CLOSED
     assert h.clock.sleeps == [1.0, 1.0, 1.0]
+
+
+# --- the probe of a half-open circuit with nothing to send ------------------------------------------
+
+
+async def open_circuit(h: Harness) -> None:
+    for _ in range(3):
+        await h.breaker.record_failure("HTTP 503 Service Unavailable")
+    assert await h.state() is CircuitState.OPEN
+
+
+@respx.mock
+async def test_the_probe_waits_for_the_cool_down_then_heals_the_circuit_with_one_read() -> None:
+    h = Harness(cooldown=30.0)
+    await open_circuit(h)
+    route = respx.mock.get(f"{BASE}/api/v1/contract").respond(200, json={"contract_versions": [1]})
+
+    early = await h.service.probe()
+    h.clock.advance(30)
+    healed = await h.service.probe()
+
+    assert (early, healed) == (None, True)
+    assert route.call_count == 1
+    assert await h.state() is CircuitState.CLOSED
+
+
+@respx.mock
+async def test_a_failed_probe_reopens_the_circuit_for_another_cool_down() -> None:
+    h = Harness(cooldown=30.0)
+    await open_circuit(h)
+    h.clock.advance(30)
+    respx.mock.get(f"{BASE}/api/v1/contract").respond(503)
+
+    assert await h.service.probe() is False
+    assert await h.state() is CircuitState.OPEN
+    assert await h.service.probe() is None  # a new cool-down began
+
+
+@respx.mock
+async def test_a_probe_answered_with_a_4xx_or_429_still_shows_the_portal_is_up() -> None:
+    for status in (404, 429):
+        h = Harness(cooldown=30.0)
+        await open_circuit(h)
+        h.clock.advance(30)
+        respx.mock.get(f"{BASE}/api/v1/contract").respond(status, headers={"Retry-After": "1"})
+
+        assert await h.service.probe() is True
+        assert await h.state() is CircuitState.CLOSED

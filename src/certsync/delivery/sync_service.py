@@ -156,6 +156,33 @@ class HLFDynamicsSyncService:
             return await self._record(operation, result.reason, result.attempts)
         return result
 
+    async def probe(self) -> bool | None:
+        """A half-open circuit's probe when nothing waits to be sent: one cheap authorised read
+        (``Portal.probe``) through the breaker, so the circuit heals by itself instead of staying open
+        until the next change. True: it answered and the circuit closed; False: it failed (the circuit
+        reopens for another cool-down); None: the circuit allowed no call (still cooling down, or
+        another worker holds the probe)."""
+        try:
+            await self._breaker.before_call()
+        except CircuitOpenError:
+            return None
+        try:
+            await self._gate.wait()
+            await self._portal.probe()
+        except RateLimitedError as exc:
+            # Up, but asking us to slow down: not an outage, and the probe counts as answered.
+            self._gate.pause_for(exc.retry_after or self._policy.base_delay, reason=exc.reason)
+        except (TransientDynamicsError, AuthenticationError) as exc:
+            await self._breaker.record_failure(exc.reason)
+            log.warning("circuit_probe_failed", reason=exc.reason, status=exc.status)
+            return False
+        except PermanentDynamicsError as exc:
+            # An answer, just not a 2xx (a portal without the read): it is up.
+            log.info("circuit_probe_refused", reason=exc.reason, status=exc.status)
+        await self._breaker.record_success()
+        log.info("circuit_probe_succeeded")
+        return True
+
     async def _attempt(
         self, operation: _Operation, number: int, last: RetryLater | None
     ) -> DeliveryOutcome | RetryLater:
