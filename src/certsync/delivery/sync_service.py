@@ -18,16 +18,18 @@ when its lease ends). Nothing is swallowed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from functools import partial
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 from uuid import UUID
 
 import structlog
 
 from certsync.delivery.requests import PortalRequest
+from certsync.dynamics.contract import CertificationUpsert
 from certsync.dynamics.errors import (
     AuthenticationError,
     DynamicsError,
@@ -35,7 +37,7 @@ from certsync.dynamics.errors import (
     RateLimitedError,
     TransientDynamicsError,
 )
-from certsync.dynamics.port import CertificationDelete, Portal
+from certsync.dynamics.port import CertificationDelete, DeliveryReceipt, Portal
 from certsync.resilience.breaker import CircuitOpenError, CircuitState, DynamicsCircuitBreaker
 from certsync.resilience.clock import Clock, Sleep
 from certsync.resilience.gate import SendGate
@@ -98,6 +100,26 @@ class _Operation:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class BulkItem:
+    """One certification of a bulk delivery: its upsert, its operation type and where its failure goes."""
+
+    request: CertificationUpsert
+    operation_type: str
+    sink: FailureSink
+
+
+@runtime_checkable
+class BulkPortal(Portal, Protocol):
+    """A portal that takes several upserts in one call, all or nothing (Dataverse's UpsertMultiple)."""
+
+    async def upsert_many(self, bodies: Sequence[CertificationUpsert]) -> DeliveryReceipt: ...
+
+
+# Consecutive 429s a bulk call waits out without using a retry, before it counts them as one.
+_MAX_BULK_PAUSES = 20
+
+
 class HLFDynamicsSyncService:
     """RetryPolicy × DynamicsCircuitBreaker around the portal; failures go to a FailureSink."""
 
@@ -155,6 +177,105 @@ class HLFDynamicsSyncService:
         if isinstance(result, GaveUp):
             return await self._record(operation, result.reason, result.attempts)
         return result
+
+    async def deliver_bulk(
+        self, items: Sequence[BulkItem], *, when_open: Literal["hold", "queue"] = "queue"
+    ) -> list[DeliveryOutcome]:
+        """Send several certifications' upserts in one call (``BulkPortal.upsert_many``); an outcome
+        per item, in order.
+
+        The call is one operation for the retry loop and the breaker: a transient failure is one failed
+        call and one retry schedule for the whole batch; when its retries run out (or the circuit opens)
+        every item gets its own ``pending`` record. A 429 pauses all sending and uses up no retry. A
+        refusal (4xx) is all or nothing at the portal, so the batch is split in halves, each delivered
+        the same way, until the refused items stand alone: only they become ``requires_investigation``
+        and every other change is delivered.
+        """
+        if not isinstance(self._portal, BulkPortal):
+            raise TypeError(f"{type(self._portal).__name__} takes no bulk upserts")
+        if len(items) == 1:
+            [item] = items
+            return [
+                await self.deliver(
+                    item.request, operation_type=item.operation_type, sink=item.sink, when_open=when_open
+                )
+            ]
+        operations = [_Operation(i.request, i.operation_type, i.sink, when_open) for i in items]
+        result = await self._retries.run(
+            partial(self._attempt_bulk, self._portal, items, operations),
+            context=lambda: {"operation": "bulk_upsert", "targets": len(operations)},
+        )
+        if isinstance(result, GaveUp):
+            return [await self._record(operation, result.reason, result.attempts) for operation in operations]
+        return result
+
+    async def _attempt_bulk(
+        self,
+        portal: BulkPortal,
+        items: Sequence[BulkItem],
+        operations: list[_Operation],
+        number: int,
+        last: RetryLater | None,
+    ) -> list[DeliveryOutcome] | RetryLater:
+        for _pause in range(_MAX_BULK_PAUSES):
+            await self._gate.wait()
+            try:
+                await self._breaker.before_call()
+            except CircuitOpenError as exc:
+                return await self._bulk_refused_by_circuit(operations, exc, made=number - 1, last=last)
+            started = self._clock.now()
+            try:
+                await portal.upsert_many([item.request for item in items])
+            except RateLimitedError as exc:
+                self._log_failed_bulk(len(operations), number, started, exc)
+                self._gate.pause_for(exc.retry_after or self._policy.base_delay, reason=exc.reason)
+                continue  # a pause, not a failure: the same attempt goes again once the gate opens
+            except PermanentDynamicsError as exc:
+                await self._breaker.record_success()
+                self._log_failed_bulk(len(operations), number, started, exc)
+                return await self._split(items, exc, operations[0].when_open)
+            except (TransientDynamicsError, AuthenticationError) as exc:
+                transition = await self._breaker.record_failure(exc.reason)
+                self._log_failed_bulk(len(operations), number, started, exc)
+                if transition is not None and transition.new is CircuitState.OPEN:
+                    why = f"circuit opened after {number} attempt(s); last: {exc.reason}"
+                    return [await self._record(operation, why, number) for operation in operations]
+                retry_after = exc.retry_after if isinstance(exc, TransientDynamicsError) else None
+                return RetryLater(exc.reason, retry_after)
+            await self._breaker.record_success()
+            for _ in operations:
+                self._instrumentation.emit(self._delivered_events[number])
+            return [self._delivered[number]] * len(operations)
+        return RetryLater(f"still rate limited after {_MAX_BULK_PAUSES} pauses")
+
+    async def _split(
+        self, items: Sequence[BulkItem], refusal: DynamicsError, when_open: Literal["hold", "queue"]
+    ) -> list[DeliveryOutcome]:
+        """The portal refused the batch whole: deliver each half on its own, down to single items."""
+        middle = len(items) // 2
+        log.info("bulk_refused_split", targets=len(items), reason=refusal.reason)
+        return [
+            *await self.deliver_bulk(items[:middle], when_open=when_open),
+            *await self.deliver_bulk(items[middle:], when_open=when_open),
+        ]
+
+    async def _bulk_refused_by_circuit(
+        self, operations: list[_Operation], exc: CircuitOpenError, *, made: int, last: RetryLater | None
+    ) -> list[DeliveryOutcome]:
+        return [await self._refused_by_circuit(op, exc, made=made, last=last) for op in operations]
+
+    def _log_failed_bulk(self, targets: int, attempt: int, started: datetime, error: DynamicsError) -> None:
+        duration_ms = round((self._clock.now() - started).total_seconds() * 1000, 1)
+        self._instrumentation.emit(AttemptFailed(type(error).__name__))
+        log.warning(
+            "dynamics_bulk_attempt",
+            attempt=attempt,
+            targets=targets,
+            outcome=type(error).__name__,
+            status=error.status,
+            reason=error.reason,
+            duration_ms=duration_ms,
+        )
 
     async def probe(self) -> bool | None:
         """A half-open circuit's probe when nothing waits to be sent: one cheap authorised read
