@@ -156,6 +156,32 @@ async def test_a_rescued_claim_cannot_be_closed_by_the_worker_that_lost_it(pool:
     assert event["claimed_by"] == "alive-worker"
 
 
+async def test_a_bulk_close_is_one_statement_fenced_per_event(pool: Pool) -> None:
+    certs = await seed_certifications(pool, 3)
+    dead = Outbox(pool, "dead-worker")
+    claimed = (await dead.claim(NOW, limit=3, lease_seconds=30)).events
+    alive = Outbox(pool, "alive-worker")
+    # One of the three is rescued and claimed again: the dead worker's close must leave it alone.
+    async with pool.connection() as conn:
+        await conn.execute(
+            "update public.certification_sync_events set lease_until = %s where id = %s",
+            (NOW - timedelta(seconds=1), claimed[0].id),
+        )
+    assert await alive.rescue_expired(NOW) == 1
+    [rescued] = (await alive.claim(NOW, limit=3, lease_seconds=30)).events
+
+    closed = await dead.mark_delivered_many(claimed, NOW)
+
+    assert closed == {claimed[1].id, claimed[2].id}
+    statuses = {c: [str(e["status"]) for e in await events(pool, c)] for c in certs}
+    assert statuses[rescued.certification_id] == ["in_flight"]
+    assert sorted(s for c, v in statuses.items() if c != rescued.certification_id for s in v) == [
+        "delivered",
+        "delivered",
+    ]
+    assert await dead.mark_delivered_many([], NOW) == set()
+
+
 async def test_queueing_closes_the_event_and_writes_the_retry_row_together(pool: Pool) -> None:
     [cert] = await seed_certifications(pool, 1)
     outbox = Outbox(pool, "worker-a")

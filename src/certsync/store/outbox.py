@@ -115,6 +115,25 @@ class Outbox:
         )
         return bool(rows)
 
+    async def mark_delivered_many(
+        self, events: Iterable[ClaimedEvent], now: datetime, detail: str | None = None
+    ) -> set[UUID]:
+        """Close several events as delivered in one statement; the ids whose claim was still ours."""
+        closing = list(events)
+        if not closing:
+            return set()
+        rows = await fetch(
+            self._pool,
+            "mark_delivered_many",
+            {
+                "ids": [e.id for e in closing],
+                "tokens": [e.claim_token for e in closing],
+                "now": now,
+                "detail": detail,
+            },
+        )
+        return {r["id"] for r in rows}
+
     async def mark_queued(self, event: ClaimedEvent, now: datetime, entry: NewRetryEntry) -> int | None:
         """Close the event and write its retry-queue row in ONE transaction, so it is always in exactly
         one place. Returns the queue entry id, or None when the claim was lost (nothing written)."""

@@ -99,6 +99,15 @@ set status = 'delivered', closed_at = %(now)s, claim_token = null, lease_until =
 where id = %(id)s and claim_token = %(claim_token)s and status = 'in_flight'
 returning id;
 
+-- name: mark_delivered_many
+-- A bulk delivery's events closed in one statement, each fenced by its own claim token: an event whose
+-- claim was rescued meanwhile is left to the newer claim (and not returned).
+update public.certification_sync_events e
+set status = 'delivered', closed_at = %(now)s, claim_token = null, lease_until = null, detail = %(detail)s
+from unnest(%(ids)s::uuid[], %(tokens)s::uuid[]) as held(id, claim_token)
+where e.id = held.id and e.claim_token = held.claim_token and e.status = 'in_flight'
+returning e.id;
+
 -- name: mark_queued
 update public.certification_sync_events
 set status = 'queued', closed_at = %(now)s, claim_token = null, lease_until = null, detail = %(detail)s
