@@ -11,12 +11,21 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Self
 
 import uvicorn
 
 Lifespan = Literal["on", "off"]
+
+
+@dataclass(frozen=True, slots=True)
+class Tls:
+    """Serve HTTPS with this PEM certificate (chain) and key (``None``: the key is in ``certfile``)."""
+
+    certfile: str
+    keyfile: str | None = None
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -27,11 +36,12 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def base_url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+def base_url(host: str, port: int, *, secure: bool = False) -> str:
+    scheme = "https" if secure else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
-def _config(app: Any, host: str, port: int, lifespan: Lifespan) -> uvicorn.Config:
+def _config(app: Any, host: str, port: int, lifespan: Lifespan, tls: Tls | None = None) -> uvicorn.Config:
     # Our own structlog lines replace uvicorn's access log; uvicorn keeps its warnings and errors.
     return uvicorn.Config(
         app,
@@ -42,6 +52,8 @@ def _config(app: Any, host: str, port: int, lifespan: Lifespan) -> uvicorn.Confi
         log_config=None,
         log_level="warning",
         timeout_graceful_shutdown=2,
+        ssl_certfile=None if tls is None else tls.certfile,
+        ssl_keyfile=None if tls is None else tls.keyfile,
     )
 
 
@@ -52,13 +64,14 @@ def serve(
     *,
     lifespan: Lifespan = "on",
     on_listening: Callable[[str], None] | None = None,
+    tls: Tls | None = None,
 ) -> None:
     """Serve in the foreground until SIGINT/SIGTERM; ``on_listening`` gets the URL once bound."""
     sock = bind(host, port)
     port = sock.getsockname()[1]
     if on_listening is not None:
-        on_listening(base_url(host, port))
-    uvicorn.Server(_config(app, host, port, lifespan)).run(sockets=[sock])
+        on_listening(base_url(host, port, secure=tls is not None))
+    uvicorn.Server(_config(app, host, port, lifespan, tls)).run(sockets=[sock])
 
 
 class BackgroundServer:
@@ -78,8 +91,10 @@ class BackgroundServer:
         port: int = 0,
         lifespan: Lifespan = "off",
         name: str = "certsync-server",
+        tls: Tls | None = None,
     ) -> None:
         self.app = app
+        self._tls = tls
         self._host = host
         self._requested_port = port
         self._lifespan = lifespan
@@ -93,7 +108,7 @@ class BackgroundServer:
         """The base URL, e.g. ``http://127.0.0.1:54321``."""
         if self._port is None:
             raise RuntimeError(f"{self._name} is not started")
-        return base_url(self._host, self._port)
+        return base_url(self._host, self._port, secure=self._tls is not None)
 
     def start(self, timeout: float = 15.0) -> None:
         """Bind, serve in the background, and return once uvicorn accepts connections."""
@@ -101,7 +116,7 @@ class BackgroundServer:
             raise RuntimeError(f"{self._name} is already started")
         sock = bind(self._host, self._requested_port)
         self._port = sock.getsockname()[1]
-        server = uvicorn.Server(_config(self.app, self._host, self._port, self._lifespan))
+        server = uvicorn.Server(_config(self.app, self._host, self._port, self._lifespan, self._tls))
         self._server = server
         self._thread = threading.Thread(
             target=server.run, kwargs={"sockets": [sock]}, name=self._name, daemon=True
