@@ -83,16 +83,20 @@ class DataverseApp(FastAPI):
         }
         noted: dict[str, Any] = {"status": None, "outcome": None, "targets": None, "key": None}
         scope[_STATE_KEY] = noted
+        decision = emulator.decide(method, path)
+        accounting = _Accounting(emulator, scope, headers, decision)
 
         async def annotated_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 noted["status"] = message["status"]
                 extra = [(name.encode(), value.encode()) for name, value in emulator.remaining().items()]
                 message = {**message, "headers": [*message.get("headers", ()), _ODATA_VERSION, *extra]}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                # Settled before the last byte leaves: a client that reads the log (or the limits)
+                # right after its answer finds its request there.
+                accounting.settle()
             await send(message)
 
-        decision = emulator.decide(method, path)
-        admission: Admission | None = None
         try:
             if decision.action != "pass":
                 if decision.delay:
@@ -109,7 +113,7 @@ class DataverseApp(FastAPI):
             verdict = emulator.admit()
             if not isinstance(verdict, Admission):
                 noted["outcome"] = verdict.code
-                decision = FaultDecision(action="respond", status=429, fault=verdict.fault)
+                accounting.decision = FaultDecision(action="respond", status=429, fault=verdict.fault)
                 await _send_json(
                     annotated_send,
                     429,
@@ -117,36 +121,54 @@ class DataverseApp(FastAPI):
                     [(b"retry-after", str(verdict.retry_after).encode())],
                 )
                 return
-            admission = verdict
+            accounting.admission = verdict
             if decision.delay:
                 await emulator.config.sleep(decision.delay)
             await super().__call__(scope, receive, annotated_send)
         finally:
-            if admission is not None:
-                emulator.finish(admission)
-            query = scope.get("query_string", b"").decode("latin-1")
-            entry = emulator.record(
-                method=method,
-                path=path,
-                query=query,
-                has_authorization="authorization" in headers,
-                status=noted["status"],
-                fault=decision.fault,
-                outcome=noted["outcome"],
-                targets=noted["targets"],
-                key=noted["key"],
-                delay_ms=round(decision.delay * 1000, 3),
-            )
-            log.debug(
-                "dataverse_request",
-                seq=entry.seq,
-                method=method,
-                path=path,
-                status=entry.status,
-                fault=entry.fault,
-                outcome=entry.outcome,
-                targets=entry.targets,
-            )
+            accounting.settle()
+
+
+class _Accounting:
+    """Once per request: free its service-protection slot and write its request-log entry."""
+
+    def __init__(
+        self, emulator: DataverseEmulator, scope: Scope, headers: Mapping[str, str], decision: FaultDecision
+    ) -> None:
+        self.emulator, self.scope, self.headers, self.decision = emulator, scope, headers, decision
+        self.admission: Admission | None = None
+        self._settled = False
+
+    def settle(self) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        emulator, scope, decision = self.emulator, self.scope, self.decision
+        if self.admission is not None:
+            emulator.finish(self.admission)
+        noted = scope[_STATE_KEY]
+        entry = emulator.record(
+            method=scope["method"],
+            path=scope["path"],
+            query=scope.get("query_string", b"").decode("latin-1"),
+            has_authorization="authorization" in self.headers,
+            status=noted["status"],
+            fault=decision.fault,
+            outcome=noted["outcome"],
+            targets=noted["targets"],
+            key=noted["key"],
+            delay_ms=round(decision.delay * 1000, 3),
+        )
+        log.debug(
+            "dataverse_request",
+            seq=entry.seq,
+            method=entry.method,
+            path=entry.path,
+            status=entry.status,
+            fault=entry.fault,
+            outcome=entry.outcome,
+            targets=entry.targets,
+        )
 
 
 def _authorized(emulator: DataverseEmulator, headers: Mapping[str, str]) -> bool:
