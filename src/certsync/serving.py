@@ -20,6 +20,14 @@ import uvicorn
 Lifespan = Literal["on", "off"]
 
 
+@dataclass(frozen=True, slots=True)
+class Tls:
+    """Serve HTTPS with this PEM certificate (chain) and key (``None``: the key is in ``certfile``)."""
+
+    certfile: str
+    keyfile: str | None = None
+
+
 def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -28,17 +36,9 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def base_url(host: str, port: int, *, tls: bool = False) -> str:
-    scheme = "https" if tls else "http"
+def base_url(host: str, port: int, *, secure: bool = False) -> str:
+    scheme = "https" if secure else "http"
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
-
-
-@dataclass(frozen=True, slots=True)
-class Tls:
-    """A certificate chain and its key (PEM files): serve HTTPS, for clients that speak nothing else."""
-
-    certfile: str
-    keyfile: str
 
 
 def _config(app: Any, host: str, port: int, lifespan: Lifespan, tls: Tls | None = None) -> uvicorn.Config:
@@ -52,8 +52,8 @@ def _config(app: Any, host: str, port: int, lifespan: Lifespan, tls: Tls | None 
         log_config=None,
         log_level="warning",
         timeout_graceful_shutdown=2,
-        ssl_certfile=tls.certfile if tls is not None else None,
-        ssl_keyfile=tls.keyfile if tls is not None else None,
+        ssl_certfile=None if tls is None else tls.certfile,
+        ssl_keyfile=None if tls is None else tls.keyfile,
     )
 
 
@@ -64,13 +64,14 @@ def serve(
     *,
     lifespan: Lifespan = "on",
     on_listening: Callable[[str], None] | None = None,
+    tls: Tls | None = None,
 ) -> None:
     """Serve in the foreground until SIGINT/SIGTERM; ``on_listening`` gets the URL once bound."""
     sock = bind(host, port)
     port = sock.getsockname()[1]
     if on_listening is not None:
-        on_listening(base_url(host, port))
-    uvicorn.Server(_config(app, host, port, lifespan)).run(sockets=[sock])
+        on_listening(base_url(host, port, secure=tls is not None))
+    uvicorn.Server(_config(app, host, port, lifespan, tls)).run(sockets=[sock])
 
 
 class BackgroundServer:
@@ -107,7 +108,7 @@ class BackgroundServer:
         """The base URL, e.g. ``http://127.0.0.1:54321``."""
         if self._port is None:
             raise RuntimeError(f"{self._name} is not started")
-        return base_url(self._host, self._port, tls=self._tls is not None)
+        return base_url(self._host, self._port, secure=self._tls is not None)
 
     def start(self, timeout: float = 15.0) -> None:
         """Bind, serve in the background, and return once uvicorn accepts connections."""

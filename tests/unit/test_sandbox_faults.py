@@ -10,6 +10,8 @@ from typer.testing import CliRunner
 import certsync.cli.sandbox as sandbox_cli
 from certsync.cli._common import cli
 from certsync.resilience.testing import ManualClock
+from certsync.sandbox.dataverse_limits import Admission, Refusal, ServiceLimits, ServiceProtection
+from certsync.sandbox.dataverse_state import DataverseConfig
 from certsync.sandbox.faults import (
     FaultEngine,
     FaultScript,
@@ -322,7 +324,7 @@ def started(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, SandboxConf
     """Captures what the command would serve instead of blocking on a real server."""
     calls: list[tuple[str, int, SandboxConfig]] = []
 
-    def fake_run(host: str, port: int, config: SandboxConfig, on_listening: Any = None) -> None:
+    def fake_run(host: str, port: int, config: SandboxConfig, on_listening: Any = None, **tls: Any) -> None:
         calls.append((host, port, config))
         on_listening(f"http://{host}:{port}")
 
@@ -385,3 +387,142 @@ def test_the_command_refuses_bad_options_with_exit_code_2(
 
     assert result.exit_code == 2
     assert started == []
+
+
+# `certsync sandbox --api dataverse` -----------------------------------------------------------------
+
+
+@pytest.fixture
+def started_dataverse(monkeypatch: pytest.MonkeyPatch) -> list[tuple[DataverseConfig, dict[str, Any]]]:
+    calls: list[tuple[DataverseConfig, dict[str, Any]]] = []
+
+    def fake_run(host: str, port: int, config: DataverseConfig, on_listening: Any = None, **tls: Any) -> None:
+        calls.append((config, tls))
+        on_listening(f"http://{host}:{port}")
+
+    monkeypatch.setattr(sandbox_cli, "run_sandbox", fake_run)
+    return calls
+
+
+def test_the_dataverse_command_builds_limits_faults_and_refusals_and_says_what_to_set(
+    started_dataverse: list[tuple[DataverseConfig, dict[str, Any]]],
+) -> None:
+    args = [
+        "sandbox",
+        "--api",
+        "dataverse",
+        "--port",
+        "9002",
+        "--rate-limit",
+        "120/6",
+        "--max-concurrent",
+        "4",
+    ]
+    args += [
+        "--execution-limit",
+        "0",
+        "--fail",
+        "503x2",
+        "--scope",
+        "write",
+        "--refuse",
+        "abc",
+        "--key-status",
+        "Pending",
+    ]
+
+    result = CliRunner().invoke(cli, args)
+
+    assert result.exit_code == 0, result.output
+    [(config, tls)] = started_dataverse
+    assert config.limits == ServiceLimits(
+        requests=120, window_seconds=6, execution_seconds=None, max_concurrent=4
+    )
+    assert config.faults.steps == (FaultStep(status=503, times=2, scope="write"),)
+    assert (config.refused, config.metadata.key_status) == (("abc",), "Pending")
+    assert tls == {"certfile": None, "keyfile": None}
+    for line in (
+        "CERTSYNC_DYNAMICS_API=dataverse",
+        "CERTSYNC_DYNAMICS_BASE_URL=http://127.0.0.1:9002",
+        "CERTSYNC_DYNAMICS_TOKEN_URL=http://127.0.0.1:9002/oauth2/token",
+        "CERTSYNC_DYNAMICS_CLIENT_ID=certsync",
+        "CERTSYNC_DYNAMICS_CLIENT_SECRET=sandbox-secret",
+    ):
+        assert line in result.output
+
+
+def test_the_dataverse_command_keeps_dataverse_s_own_limits_and_hides_a_chosen_secret(
+    started_dataverse: list[tuple[DataverseConfig, dict[str, Any]]],
+) -> None:
+    result = CliRunner().invoke(cli, ["sandbox", "--api", "dataverse", "--client-secret", "hush-hush"])
+
+    assert result.exit_code == 0, result.output
+    [(config, _)] = started_dataverse
+    assert config.limits == ServiceLimits()
+    assert "hush-hush" not in result.output
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--api", "soap"],
+        ["--api", "dataverse", "--scope", "put"],
+        ["--api", "dataverse", "--key-status", "Sleeping"],
+        ["--api", "dataverse", "--signing-secret", "whsec_" + "c2VjcmV0LXNpZ25pbmcta2V5LXRoYXQtaXMtbG9uZw=="],
+        ["--api", "dataverse", "--rate-limit", "lots"],
+        ["--api", "dataverse", "--tls-cert", "/no/such/cert.pem", "--tls-key", "/no/such/key.pem"],
+        ["--api", "dataverse", "--tls-cert", "/no/such/cert.pem"],
+        ["--refuse", "abc"],
+    ],
+)
+def test_the_dataverse_command_refuses_bad_options_with_exit_code_2(
+    started_dataverse: list[tuple[DataverseConfig, dict[str, Any]]], bad: list[str]
+) -> None:
+    result = CliRunner().invoke(cli, ["sandbox", *bad])
+
+    assert result.exit_code == 2, result.output
+    assert started_dataverse == []
+
+
+# Dataverse's service-protection limits, without any HTTP ------------------------------------------
+
+
+def test_the_request_window_slides_and_refusals_are_not_counted() -> None:
+    clock = ManualClock()
+    protection = ServiceProtection(
+        ServiceLimits(requests=2, window_seconds=10, execution_seconds=None, max_concurrent=None),
+        lambda: clock.now().timestamp(),
+    )
+    for _ in range(2):
+        admitted = protection.admit()
+        assert isinstance(admitted, Admission)
+        protection.finish(admitted)
+        clock.advance(4)
+    refused = protection.admit()
+    assert isinstance(refused, Refusal)
+    assert (refused.code, refused.retry_after) == ("0x80072322", 2)
+    assert protection.remaining() == {"x-ms-ratelimit-burst-remaining-xrm-requests": "0"}
+    clock.advance(2)
+    assert isinstance(protection.admit(), Admission)
+    assert protection.remaining() == {"x-ms-ratelimit-burst-remaining-xrm-requests": "0"}
+
+
+def test_execution_time_and_concurrency_are_refused_with_their_own_codes() -> None:
+    clock = ManualClock()
+    protection = ServiceProtection(
+        ServiceLimits(requests=None, window_seconds=60, execution_seconds=5, max_concurrent=1),
+        lambda: clock.now().timestamp(),
+    )
+    first = protection.admit()
+    assert isinstance(first, Admission)
+    concurrent = protection.admit()
+    assert isinstance(concurrent, Refusal)
+    assert (concurrent.code, concurrent.retry_after) == ("0x80072326", 1)
+    clock.advance(5)
+    protection.finish(first)
+    assert protection.remaining() == {"x-ms-ratelimit-time-remaining-xrm-requests": "0.00"}
+    slow = protection.admit()
+    assert isinstance(slow, Refusal)
+    assert (slow.code, slow.retry_after) == ("0x80072321", 60)
+    clock.advance(60)
+    assert isinstance(protection.admit(), Admission)

@@ -27,12 +27,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, with_config
 
-Scope = Literal["any", "put"]
-"""Which portal requests a fault applies to: every one, or only ``PUT /api/v1/certifications/{id}``."""
+Scope = Literal["any", "put", "write"]
+"""Which portal requests a fault applies to: every one, only ``PUT /api/v1/certifications/{id}``, or
+every ``write`` (any method but GET: contract v1's PUT and DELETE, Dataverse's PATCH, POST, DELETE)."""
 
 Action = Literal["pass", "respond", "drop"]
 
 CERTIFICATIONS_PATH = "/api/v1/certifications/"
+TOKEN_PATH = "/oauth2/token"  # noqa: S105  (a path, not a secret)
 DEFAULT_429_RETRY_AFTER = 1
 
 
@@ -45,6 +47,8 @@ def is_certification_put(method: str, path: str) -> bool:
 
 
 def in_scope(scope: Scope, method: str, path: str) -> bool:
+    if scope == "write":
+        return method not in ("GET", "HEAD", "OPTIONS") and not path.endswith(TOKEN_PATH)
     return scope == "any" or is_certification_put(method, path)
 
 

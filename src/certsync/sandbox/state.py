@@ -111,6 +111,54 @@ class IgnoredUpsert:
     held_version: int
 
 
+class Tokens:
+    """Bearer tokens a sandbox accepts: its static ones, and those its ``/oauth2/token`` issued.
+
+    Shared by the contract-v1 sandbox and the Dataverse emulator; thread-safe on its own.
+    """
+
+    def __init__(
+        self,
+        *,
+        static_tokens: tuple[str, ...],
+        client_id: str,
+        client_secret: str,
+        ttl_seconds: int,
+        monotonic: Callable[[], float],
+    ) -> None:
+        self._static = static_tokens
+        self._client_id, self._client_secret = client_id, client_secret
+        self.ttl_seconds = ttl_seconds
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._issued: dict[str, float] = {}
+
+    def credentials_match(self, client_id: str, client_secret: str) -> bool:
+        id_ok = hmac.compare_digest(client_id.encode(), self._client_id.encode())
+        secret_ok = hmac.compare_digest(client_secret.encode(), self._client_secret.encode())
+        return id_ok and secret_ok
+
+    def issue(self) -> str:
+        token = secrets.token_urlsafe(32)
+        with self._lock:
+            self._issued[token] = self._monotonic() + self.ttl_seconds
+        return token
+
+    def is_valid(self, token: str) -> bool:
+        if any(hmac.compare_digest(token.encode(), known.encode()) for known in self._static):
+            return True
+        with self._lock:
+            expires_at = self._issued.get(token)
+            return expires_at is not None and self._monotonic() < expires_at
+
+    def expire_all(self) -> int:
+        """Forget every issued token (static tokens stay valid); returns how many there were."""
+        with self._lock:
+            count = len(self._issued)
+            self._issued.clear()
+            return count
+
+
 class Sandbox:
     """The portal's whole mutable state, built from a ``SandboxConfig``."""
 
@@ -118,6 +166,13 @@ class Sandbox:
         self.config = config
         self._lock = threading.RLock()
         self.faults = FaultEngine(config.faults, config.monotonic)
+        self.tokens = Tokens(
+            static_tokens=config.static_tokens,
+            client_id=config.client_id,
+            client_secret=config.client_secret,
+            ttl_seconds=config.token_ttl_seconds,
+            monotonic=config.monotonic,
+        )
         self.reset()
 
     def reset(self) -> None:
@@ -128,7 +183,7 @@ class Sandbox:
             self._deleted: list[str] = []
             self._history: dict[str, list[int]] = {}
             self._ignored: list[IgnoredUpsert] = []
-            self._issued_tokens: dict[str, float] = {}
+            self.tokens.expire_all()
             self._contract_versions = self.config.contract_versions
             self._requests: deque[RecordedRequest] = deque(maxlen=self.config.request_log_size)
             self._seq = 0
@@ -148,29 +203,17 @@ class Sandbox:
     # tokens ------------------------------------------------------------------------------------------
 
     def credentials_match(self, client_id: str, client_secret: str) -> bool:
-        id_ok = hmac.compare_digest(client_id.encode(), self.config.client_id.encode())
-        secret_ok = hmac.compare_digest(client_secret.encode(), self.config.client_secret.encode())
-        return id_ok and secret_ok
+        return self.tokens.credentials_match(client_id, client_secret)
 
     def issue_token(self) -> str:
-        token = secrets.token_urlsafe(32)
-        with self._lock:
-            self._issued_tokens[token] = self.config.monotonic() + self.config.token_ttl_seconds
-        return token
+        return self.tokens.issue()
 
     def token_is_valid(self, token: str) -> bool:
-        if any(hmac.compare_digest(token.encode(), known.encode()) for known in self.config.static_tokens):
-            return True
-        with self._lock:
-            expires_at = self._issued_tokens.get(token)
-            return expires_at is not None and self.config.monotonic() < expires_at
+        return self.tokens.is_valid(token)
 
     def expire_tokens(self) -> int:
         """Expire every token this sandbox issued (static tokens stay valid); returns how many."""
-        with self._lock:
-            count = len(self._issued_tokens)
-            self._issued_tokens.clear()
-            return count
+        return self.tokens.expire_all()
 
     # certifications ----------------------------------------------------------------------------------
 
