@@ -89,12 +89,12 @@ class DataverseApp(FastAPI):
         async def annotated_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 noted["status"] = message["status"]
+                # Settled before the status line leaves (uvicorn sends it at once, and for a 204 that
+                # is the whole answer): a client that reads the log or the limits right after its
+                # answer finds its request there.
+                accounting.settle()
                 extra = [(name.encode(), value.encode()) for name, value in emulator.remaining().items()]
                 message = {**message, "headers": [*message.get("headers", ()), _ODATA_VERSION, *extra]}
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                # Settled before the last byte leaves: a client that reads the log (or the limits)
-                # right after its answer finds its request there.
-                accounting.settle()
             await send(message)
 
         try:
@@ -477,7 +477,7 @@ def _prefers(request: Request) -> dict[str, str]:
 
 
 def _retrieve(request: Request, emulator: DataverseEmulator, ref: RowRef) -> Response:
-    _only_options(request, ("$select", "$expand"))
+    _only_options(request, ("$select",))
     select = _checked_select(emulator, request.query_params.get("$select"))
     row = emulator.get(ref)
     if request.headers.get("if-none-match", "").strip() == etag(row):
@@ -568,7 +568,7 @@ async def _bulk(
 
 # listing ------------------------------------------------------------------------------------------------
 
-_QUERY_OPTIONS = ("$select", "$filter", "$top", "$orderby", "$count", "$skiptoken", "$expand")
+_QUERY_OPTIONS = ("$select", "$filter", "$top", "$orderby", "$count", "$skiptoken")
 _COMPARISON = re.compile(
     r"\s*(?P<name>\w+)\s+(?P<op>eq|ne|gt|ge|lt|le)\s+"
     r"(?P<value>'(?:[^']|'')*'|-?\d+|true|false|null)\s*",
