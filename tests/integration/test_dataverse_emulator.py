@@ -4,6 +4,7 @@ auth, refusals, faults and the three service-protection limits (on an injected c
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -668,3 +669,49 @@ def test_the_request_log_keeps_method_path_status_key_and_never_the_token(client
     assert entries[1]["query"] == "%24select=hlf_certsyncid"
     assert TOKEN not in str(entries)
     assert recorded(client) == entries  # admin reads are never logged
+
+
+# $batch -------------------------------------------------------------------------------------------------
+
+
+def batch_body(boundary: str, *requests: tuple[str, str, dict[str, Any] | None]) -> str:
+    parts = []
+    for method, url, body in requests:
+        inner = [f"{method} {url} HTTP/1.1", "Content-Type: application/json; type=entry", ""]
+        inner.append(json.dumps(body) if body is not None else "")
+        parts.append(
+            f"--{boundary}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n"
+            + "\r\n".join(inner)
+            + "\r\n"
+        )
+    return "".join(parts) + f"--{boundary}--\r\n"
+
+
+def test_a_batch_stops_at_its_first_failure_unless_told_to_continue(client: httpx.Client) -> None:
+    requests = (
+        ("PATCH", f"{SET}(hlf_certsyncid='first')", columns(1)),
+        ("PATCH", f"{SET}(hlf_certsyncid='second')", {"hlf_nosuch": 1}),
+        ("PATCH", f"{SET}(hlf_certsyncid='third')", columns(1)),
+    )
+    headers = {"Content-Type": 'multipart/mixed; boundary="batch_x"'}
+    stopped = client.post(f"{API}/$batch", content=batch_body("batch_x", *requests), headers=headers)
+    assert stopped.status_code == 200
+    assert stopped.headers["content-type"].startswith("multipart/mixed; boundary=batchresponse_")
+    assert [line for line in stopped.text.splitlines() if line.startswith("HTTP/1.1")] == [
+        "HTTP/1.1 204 No Content",
+        "HTTP/1.1 400 Bad Request",
+    ]
+    assert "0x80060888" in stopped.text
+    assert set(rows(client)) == {"first"}
+    continued = client.post(
+        f"{API}/$batch",
+        content=batch_body("batch_x", *requests),
+        headers={**headers, "Prefer": "odata.continue-on-error"},
+    )
+    assert continued.text.count("HTTP/1.1 ") == 3
+    assert set(rows(client)) == {"first", "third"}
+    parts = [entry["path"] for entry in recorded(client)]
+    assert parts.count(f"{API}/$batch") == 2
+    assert len(parts) == 2 + 2 + 3  # each part is a request of its own, as Dataverse counts them
+    refused = client.post(f"{API}/$batch", content="{}", headers={"Content-Type": "application/json"})
+    assert (refused.status_code, error_code(refused)) == (400, "0x80060888")

@@ -307,3 +307,35 @@ def test_certsync_sandbox_api_dataverse_serves_the_sdk_over_tls_from_its_own_pro
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def test_the_sdks_batch_runs_each_part_and_a_failed_changeset_applies_nothing(
+    client: DataverseClient, server: SandboxServer
+) -> None:
+    batch = client.batch.new()
+    batch.records.create(TABLE, {"hlf_certsyncid": "single", **columns(1)})
+    with batch.changeset() as changeset:
+        created = changeset.records.create(TABLE, {"hlf_certsyncid": "in-changeset", **columns(1)})
+        changeset.records.update(TABLE, created, {"hlf_sourceversion": 2})
+    batch.records.list(TABLE, select=["hlf_certsyncid"])
+    result = batch.execute()
+    assert [response.status_code for response in result.responses] == [204, 204, 204, 200]
+    assert result.responses[1].entity_id == result.responses[2].entity_id
+    assert held(server)["in-changeset"]["hlf_sourceversion"] == 2
+    listed = result.responses[3].data
+    assert listed is not None
+    assert [row["hlf_certsyncid"] for row in listed["value"]] == ["in-changeset", "single"]
+
+    failing = client.batch.new()
+    with failing.changeset() as changeset:
+        changeset.records.create(TABLE, {"hlf_certsyncid": "rolled-back", **columns(1)})
+        changeset.records.create(TABLE, {"hlf_certsyncid": "single", **columns(1)})
+    failing.records.create(TABLE, {"hlf_certsyncid": "after-the-failure", **columns(1)})
+    outcome = failing.execute(continue_on_error=True)
+    assert [(response.status_code, response.error_code) for response in outcome.responses] == [
+        (412, "0x80060892"),
+        (204, None),
+    ]
+    assert sorted(held(server)) == ["after-the-failure", "in-changeset", "single"]
+    batches = [entry for entry in server.dataverse.requests() if entry.path.endswith("/$batch")]
+    assert [(entry.status, entry.targets) for entry in batches] == [(200, 4), (200, 3)]

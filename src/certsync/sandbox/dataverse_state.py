@@ -515,6 +515,16 @@ class DataverseEmulator:
                 raise
             return ids
 
+    def checkpoint(self) -> tuple[dict[str, dict[str, Any]], dict[str, str], list[str]]:
+        """The rows as they are, for a ``$batch`` changeset to return to if one of its requests fails."""
+        with self._lock:
+            return {k: dict(v) for k, v in self._rows.items()}, dict(self._by_key), list(self._deleted)
+
+    def restore(self, checkpoint: tuple[dict[str, dict[str, Any]], dict[str, str], list[str]]) -> None:
+        with self._lock:
+            rows, by_key, deleted = checkpoint
+            self._rows, self._by_key, self._deleted = dict(rows), dict(by_key), list(deleted)
+
     def query(self) -> list[dict[str, Any]]:
         """Every row, ordered by the alternate key (rows without one first), then by id."""
         with self._lock:
