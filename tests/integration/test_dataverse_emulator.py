@@ -715,3 +715,20 @@ def test_a_batch_stops_at_its_first_failure_unless_told_to_continue(client: http
     assert len(parts) == 2 + 2 + 3  # each part is a request of its own, as Dataverse counts them
     refused = client.post(f"{API}/$batch", content="{}", headers={"Content-Type": "application/json"})
     assert (refused.status_code, error_code(refused)) == (400, "0x80060888")
+
+
+def test_a_page_read_after_a_change_sees_it(client: httpx.Client) -> None:
+    upsert_multiple(client, [target(key) for key in ("k1", "k2", "k3", "k4")]).raise_for_status()
+    first = client.get(
+        SET, params={"$select": "hlf_certsyncid"}, headers={"Prefer": "odata.maxpagesize=2"}
+    ).json()
+    assert [row["hlf_certsyncid"] for row in first["value"]] == ["k1", "k2"]
+    client.delete(by_key("k3")).raise_for_status()
+    client.patch(by_key("k5"), json=columns(1)).raise_for_status()
+    typed = {"@odata.type": "Microsoft.Dynamics.CRM.hlf_certification", **columns(1)}
+    twice = [{**typed, "hlf_certsyncid": "k6"}, {**typed, "hlf_certsyncid": "k6"}]
+    refused = client.post(f"{SET}/Microsoft.Dynamics.CRM.CreateMultiple", json={"Targets": twice})
+    assert (refused.status_code, error_code(refused)) == (412, "0x80060892")  # the first k6 is undone
+    rest = client.get(first["@odata.nextLink"], headers={"Prefer": "odata.maxpagesize=2"}).json()
+    assert [row["hlf_certsyncid"] for row in rest["value"]] == ["k4", "k5"]
+    assert "@odata.nextLink" not in rest

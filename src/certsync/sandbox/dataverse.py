@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
+import itertools
 import json
 import operator
 import re
@@ -664,13 +666,15 @@ def _list(request: Request, emulator: DataverseEmulator) -> Response:
             400, ODATA_BAD_REQUEST, f"The emulator orders by {metadata.key_column} only: {orderby}"
         )
     top = _top(params.get("$top"))
-    rows = [row for row in emulator.query() if all(_compare(row.get(n), op, v) for n, op, v in clauses)]
-    total = len(rows)
-    key = metadata.key_column
-    positions = [(str(row.get(key) or "").lower(), str(row[metadata.primary_id])) for row in rows]
+    positions, ordered = emulator.query()
+    start = 0
     if (token := params.get("$skiptoken")) is not None:
-        after = _decode_token(token)
-        rows = [row for row, position in zip(rows, positions, strict=True) if position > after]
+        start = bisect.bisect_right(positions, _decode_token(token))
+    matching = (
+        row
+        for row in itertools.islice(ordered, start, None)
+        if all(_compare(row.get(n), op, v) for n, op, v in clauses)
+    )
     preferences = _prefers(request)
     page_size = emulator.config.max_page_size
     applied: list[str] = []
@@ -684,16 +688,19 @@ def _list(request: Request, emulator: DataverseEmulator) -> Response:
         applied.append(f"odata.maxpagesize={page_size}")
     if top is not None:
         # As Dataverse: with $top there is one page of at most $top rows and no nextLink.
-        page, more = rows[:top], False
+        page, more = list(itertools.islice(matching, top)), False
     else:
-        page, more = rows[:page_size], len(rows) > page_size
+        page = list(itertools.islice(matching, page_size + 1))
+        page, more = page[:page_size], len(page) > page_size
     body: dict[str, Any] = {"@odata.context": _context(request, _select_fragment(emulator, select))}
     if params.get("$count", "").lower() == "true":
-        body["@odata.count"] = total
+        body["@odata.count"] = sum(
+            1 for row in ordered if all(_compare(row.get(n), op, v) for n, op, v in clauses)
+        )
     body["value"] = [_row_body(request, emulator, row, select) for row in page]
     if more:
         last = page[-1]
-        position = (str(last.get(key) or "").lower(), str(last[metadata.primary_id]))
+        position = (str(last.get(metadata.key_column) or "").lower(), str(last[metadata.primary_id]))
         kept = [(name, value) for name, value in params.multi_items() if name != "$skiptoken"]
         kept.append(("$skiptoken", _encode_token(position)))
         query = urlencode(kept, quote_via=quote, safe="$,'()")
