@@ -9,7 +9,11 @@ the result: the emulator answers what a real Dataverse client sends, the way it 
 
 from __future__ import annotations
 
+import os
+import re
 import ssl
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -260,3 +264,78 @@ def test_the_sdk_reaches_who_am_i_through_its_own_session(
     odata = client._get_odata()
     answer = odata._request("get", f"{odata.api}/WhoAmI").json()
     assert answer["OrganizationId"] == str(server.dataverse.config.organization_id)
+
+
+def test_certsync_sandbox_api_dataverse_serves_the_sdk_over_tls_from_its_own_process(
+    tls_files: dict[str, Path], credential: StaticCredential, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "certsync",
+        "sandbox",
+        "--api",
+        "dataverse",
+        "--port",
+        "0",
+        "--token",
+        TOKEN,
+    ]
+    command += ["--tls-cert", str(tls_files["cert"]), "--tls-key", str(tls_files["key"])]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CERTSYNC_LOG_LEVEL": "error", "COLUMNS": "200"}
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=tmp_path
+    )
+    try:
+        assert process.stdout is not None
+        printed: list[str] = []
+        for line in process.stdout:
+            printed.append(line)
+            if "CERTSYNC_DYNAMICS_CLIENT_SECRET" in line:
+                break
+        found = re.search(r"CERTSYNC_DYNAMICS_BASE_URL=(https://\S+)", "".join(printed))
+        assert found is not None, "".join(printed)
+        assert "CERTSYNC_DYNAMICS_API=dataverse" in "".join(printed)
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tls_files["ca"]))
+        key = str(uuid4())
+        with DataverseClient(found.group(1), credential) as dataverse:
+            dataverse.records.upsert(TABLE, [UpsertItem({"hlf_certsyncid": key}, columns(1))])
+            (record,) = dataverse.records.list(
+                TABLE, filter=f"hlf_certsyncid eq '{key}'", select=["hlf_sourceversion"]
+            )
+        assert record["hlf_sourceversion"] == 1
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_the_sdks_batch_runs_each_part_and_a_failed_changeset_applies_nothing(
+    client: DataverseClient, server: SandboxServer
+) -> None:
+    batch = client.batch.new()
+    batch.records.create(TABLE, {"hlf_certsyncid": "single", **columns(1)})
+    with batch.changeset() as changeset:
+        created = changeset.records.create(TABLE, {"hlf_certsyncid": "in-changeset", **columns(1)})
+        changeset.records.update(TABLE, created, {"hlf_sourceversion": 2})
+    batch.records.list(TABLE, select=["hlf_certsyncid"])
+    result = batch.execute()
+    assert [response.status_code for response in result.responses] == [204, 204, 204, 200]
+    assert result.responses[1].entity_id == result.responses[2].entity_id
+    assert held(server)["in-changeset"]["hlf_sourceversion"] == 2
+    listed = result.responses[3].data
+    assert listed is not None
+    assert [row["hlf_certsyncid"] for row in listed["value"]] == ["in-changeset", "single"]
+
+    failing = client.batch.new()
+    with failing.changeset() as changeset:
+        changeset.records.create(TABLE, {"hlf_certsyncid": "rolled-back", **columns(1)})
+        changeset.records.create(TABLE, {"hlf_certsyncid": "single", **columns(1)})
+    failing.records.create(TABLE, {"hlf_certsyncid": "after-the-failure", **columns(1)})
+    outcome = failing.execute(continue_on_error=True)
+    assert [(response.status_code, response.error_code) for response in outcome.responses] == [
+        (412, "0x80060892"),
+        (204, None),
+    ]
+    assert sorted(held(server)) == ["after-the-failure", "in-changeset", "single"]
+    batches = [entry for entry in server.dataverse.requests() if entry.path.endswith("/$batch")]
+    assert [(entry.status, entry.targets) for entry in batches] == [(200, 4), (200, 3)]

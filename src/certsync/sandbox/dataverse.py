@@ -17,20 +17,25 @@ Routes (``{set}`` is ``hlf_certifications``, ``{ref}`` is ``(<guid>)`` or ``(hlf
 - ``GET EntityDefinitions`` (``$filter=LogicalName eq '…'``), ``GET
   EntityDefinitions(LogicalName='…')`` (``$select``, ``$expand=Attributes(…),Keys(…)``), ``GET
   EntityDefinitions(LogicalName='…')/Attributes/Microsoft.Dynamics.CRM.PicklistAttributeMetadata``;
-- ``GET WhoAmI``.
+- ``GET WhoAmI``;
+- ``POST $batch`` (multipart/mixed, changesets all or nothing, ``$<Content-ID>`` references).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import bisect
+import itertools
 import json
 import operator
 import re
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
+import httpx
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -89,12 +94,12 @@ class DataverseApp(FastAPI):
         async def annotated_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 noted["status"] = message["status"]
+                # Settled before the status line leaves (uvicorn sends it at once, and for a 204 that
+                # is the whole answer): a client that reads the log or the limits right after its
+                # answer finds its request there.
+                accounting.settle()
                 extra = [(name.encode(), value.encode()) for name, value in emulator.remaining().items()]
                 message = {**message, "headers": [*message.get("headers", ()), _ODATA_VERSION, *extra]}
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                # Settled before the last byte leaves: a client that reads the log (or the limits)
-                # right after its answer finds its request there.
-                accounting.settle()
             await send(message)
 
         try:
@@ -267,10 +272,13 @@ _PICKLISTS = re.compile(
 
 def _add_api_routes(app: FastAPI, emulator: DataverseEmulator) -> None:
     @app.api_route(API_PREFIX + "/{rest:path}", methods=_METHODS, include_in_schema=False)
-    async def api(rest: str, request: Request) -> Response:  # noqa: PLR0911 (a router: a return per route)
+    async def api(rest: str, request: Request) -> Response:  # noqa: PLR0911, PLR0912 (a router: a branch and a return per route)
         metadata = emulator.metadata
         entity_set = metadata.entity_set
         method = request.method
+        if rest == "$batch":
+            _only(method, "POST")
+            return await _batch(request, app, emulator)
         if rest in ("WhoAmI", "WhoAmI()"):
             _only(method, "GET")
             return _odata(request, _who_am_i(request, emulator))
@@ -477,7 +485,7 @@ def _prefers(request: Request) -> dict[str, str]:
 
 
 def _retrieve(request: Request, emulator: DataverseEmulator, ref: RowRef) -> Response:
-    _only_options(request, ("$select", "$expand"))
+    _only_options(request, ("$select",))
     select = _checked_select(emulator, request.query_params.get("$select"))
     row = emulator.get(ref)
     if request.headers.get("if-none-match", "").strip() == etag(row):
@@ -568,7 +576,7 @@ async def _bulk(
 
 # listing ------------------------------------------------------------------------------------------------
 
-_QUERY_OPTIONS = ("$select", "$filter", "$top", "$orderby", "$count", "$skiptoken", "$expand")
+_QUERY_OPTIONS = ("$select", "$filter", "$top", "$orderby", "$count", "$skiptoken")
 _COMPARISON = re.compile(
     r"\s*(?P<name>\w+)\s+(?P<op>eq|ne|gt|ge|lt|le)\s+"
     r"(?P<value>'(?:[^']|'')*'|-?\d+|true|false|null)\s*",
@@ -658,13 +666,15 @@ def _list(request: Request, emulator: DataverseEmulator) -> Response:
             400, ODATA_BAD_REQUEST, f"The emulator orders by {metadata.key_column} only: {orderby}"
         )
     top = _top(params.get("$top"))
-    rows = [row for row in emulator.query() if all(_compare(row.get(n), op, v) for n, op, v in clauses)]
-    total = len(rows)
-    key = metadata.key_column
-    positions = [(str(row.get(key) or "").lower(), str(row[metadata.primary_id])) for row in rows]
+    positions, ordered = emulator.query()
+    start = 0
     if (token := params.get("$skiptoken")) is not None:
-        after = _decode_token(token)
-        rows = [row for row, position in zip(rows, positions, strict=True) if position > after]
+        start = bisect.bisect_right(positions, _decode_token(token))
+    matching = (
+        row
+        for row in itertools.islice(ordered, start, None)
+        if all(_compare(row.get(n), op, v) for n, op, v in clauses)
+    )
     preferences = _prefers(request)
     page_size = emulator.config.max_page_size
     applied: list[str] = []
@@ -678,16 +688,19 @@ def _list(request: Request, emulator: DataverseEmulator) -> Response:
         applied.append(f"odata.maxpagesize={page_size}")
     if top is not None:
         # As Dataverse: with $top there is one page of at most $top rows and no nextLink.
-        page, more = rows[:top], False
+        page, more = list(itertools.islice(matching, top)), False
     else:
-        page, more = rows[:page_size], len(rows) > page_size
+        page = list(itertools.islice(matching, page_size + 1))
+        page, more = page[:page_size], len(page) > page_size
     body: dict[str, Any] = {"@odata.context": _context(request, _select_fragment(emulator, select))}
     if params.get("$count", "").lower() == "true":
-        body["@odata.count"] = total
+        body["@odata.count"] = sum(
+            1 for row in ordered if all(_compare(row.get(n), op, v) for n, op, v in clauses)
+        )
     body["value"] = [_row_body(request, emulator, row, select) for row in page]
     if more:
         last = page[-1]
-        position = (str(last.get(key) or "").lower(), str(last[metadata.primary_id]))
+        position = (str(last.get(metadata.key_column) or "").lower(), str(last[metadata.primary_id]))
         kept = [(name, value) for name, value in params.multi_items() if name != "$skiptoken"]
         kept.append(("$skiptoken", _encode_token(position)))
         query = urlencode(kept, quote_via=quote, safe="$,'()")
@@ -707,6 +720,135 @@ def _top(text: str | None) -> int | None:
     if top < 0:
         raise ODataError(400, ODATA_BAD_REQUEST, f"Invalid value '{text}' for $top query option.")
     return top
+
+
+# $batch --------------------------------------------------------------------------------------------------
+
+_BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
+_MAX_BATCH_REQUESTS = 1000
+_FORWARDED_HEADERS = (
+    "content-type",
+    "odata-entityid",
+    "etag",
+    "location",
+    "retry-after",
+    "preference-applied",
+)
+
+
+def _multipart(body: str, boundary: str) -> list[tuple[dict[str, str], str]]:
+    """The parts of a multipart/mixed body: (headers with lower-cased names, content)."""
+    parts = []
+    for chunk in body.replace("\r\n", "\n").split(f"--{boundary}")[1:]:
+        if chunk.startswith("--"):
+            break
+        head, _, content = chunk.strip("\n").partition("\n\n")
+        headers = {
+            name.strip().lower(): value.strip()
+            for name, sep, value in (line.partition(":") for line in head.splitlines())
+            if sep
+        }
+        parts.append((headers, content))
+    return parts
+
+
+def _inner_request(text: str) -> tuple[str, str, dict[str, str], str]:
+    head, _, body = text.strip("\n").partition("\n\n")
+    first, *header_lines = head.splitlines()
+    method, _, rest = first.partition(" ")
+    url = rest.rsplit(" HTTP/", 1)[0].strip()
+    headers = {
+        name.strip(): value.strip()
+        for name, sep, value in (line.partition(":") for line in header_lines)
+        if sep
+    }
+    return method.upper(), url, headers, body.strip()
+
+
+def _http_part(response: httpx.Response, content_id: str | None) -> str:
+    lines = ["Content-Type: application/http", "Content-Transfer-Encoding: binary"]
+    if content_id is not None:
+        lines.append(f"Content-ID: {content_id}")
+    lines += ["", f"HTTP/1.1 {response.status_code} {response.reason_phrase}"]
+    lines += [f"{name}: {response.headers[name]}" for name in _FORWARDED_HEADERS if name in response.headers]
+    lines += ["", response.text]
+    return "\r\n".join(lines) + "\r\n"
+
+
+_Run = Callable[[str, Mapping[str, str]], Awaitable[httpx.Response]]
+
+
+async def _batch(request: Request, app: FastAPI, emulator: DataverseEmulator) -> Response:
+    """``POST $batch`` (multipart/mixed): each part is run as its own request (faults, limits, log);
+    a changeset is all or nothing and may refer to a record it created by ``$<Content-ID>``; without
+    ``Prefer: odata.continue-on-error`` the batch stops at the first failed part."""
+    content_type = request.headers.get("content-type", "")
+    found = _BOUNDARY.search(content_type)
+    if found is None or "multipart/mixed" not in content_type:
+        raise ODataError(400, ODATA_BAD_REQUEST, "A $batch body is multipart/mixed with a boundary.")
+    parts = _multipart((await request.body()).decode("utf-8"), found.group(1))
+    if len(parts) > _MAX_BATCH_REQUESTS:
+        raise ODataError(400, INVALID_ARGUMENT, f"A $batch holds at most {_MAX_BATCH_REQUESTS} requests.")
+    continue_on_error = "odata.continue-on-error" in _prefers(request)
+    outer = {name: request.headers[name] for name in ("authorization",) if name in request.headers}
+    answered: list[str] = []
+    count = 0
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url=_origin(request.scope)) as inner:
+
+        async def run(text: str, created: Mapping[str, str]) -> httpx.Response:
+            method, url, headers, body = _inner_request(text)
+            if url.startswith("$") and (reference := url.split("/", 1)[0][1:]) in created:
+                url = created[reference] + url[len(reference) + 1 :]
+            target = urlsplit(url)
+            path = target.path if target.path.startswith("/") else f"{API_PREFIX}/{target.path}"
+            query = f"?{target.query}" if target.query else ""
+            return await inner.request(
+                method, path + query, headers={**headers, **outer}, content=body.encode() if body else None
+            )
+
+        for headers, content in parts:
+            nested = _BOUNDARY.search(headers.get("content-type", ""))
+            if nested is not None and "multipart/mixed" in headers["content-type"]:
+                changeset = _multipart(content, nested.group(1))
+                count += len(changeset)
+                part, ok = await _changeset(run, emulator, changeset)
+            else:
+                count += 1
+                response = await run(content, {})
+                part, ok = _http_part(response, headers.get("content-id")), response.status_code < 400
+            answered.append(part)
+            if not ok and not continue_on_error:
+                break
+    _note(request, targets=count, outcome="batch")
+    boundary = f"batchresponse_{uuid4_hex()}"
+    text = "".join(f"--{boundary}\r\n{part}" for part in answered) + f"--{boundary}--\r\n"
+    return Response(text.encode(), status_code=200, media_type=f"multipart/mixed; boundary={boundary}")
+
+
+async def _changeset(
+    run: _Run, emulator: DataverseEmulator, changeset: list[tuple[dict[str, str], str]]
+) -> tuple[str, bool]:
+    """Run a changeset's requests in order; at the first failure undo them all and answer it alone."""
+    saved = emulator.checkpoint()
+    created: dict[str, str] = {}
+    results: list[tuple[httpx.Response, str | None]] = []
+    for part_headers, part in changeset:
+        response = await run(part, created)
+        content_id = part_headers.get("content-id")
+        if response.status_code >= 400:
+            emulator.restore(saved)
+            return _http_part(response, content_id), False
+        if content_id is not None and "odata-entityid" in response.headers:
+            created[content_id] = response.headers["odata-entityid"]
+        results.append((response, content_id))
+    boundary = f"changesetresponse_{uuid4_hex()}"
+    body = "".join(f"--{boundary}\r\n{_http_part(*result)}" for result in results)
+    return f"Content-Type: multipart/mixed; boundary={boundary}\r\n\r\n{body}--{boundary}--\r\n", True
+
+
+def uuid4_hex() -> str:
+    return uuid.uuid4().hex
 
 
 # --- the token endpoint and the admin API ----------------------------------------------------------------

@@ -354,6 +354,8 @@ class DataverseEmulator:
             self._by_key: dict[str, str] = {}  # lower-cased hlf_certsyncid → primary id
             self._deleted: list[str] = []
             self._row_version = 0
+            self._changes = 0  # bumped by every change to the rows: query()'s cache key
+            self._ordered: tuple[int, list[tuple[str, str]], list[dict[str, Any]]] | None = None
             self.metadata = self.config.metadata
             self.refused: set[str] = {key.lower() for key in self.config.refused}
             self._requests: deque[DataverseRequest] = deque(maxlen=self.config.request_log_size)
@@ -367,6 +369,7 @@ class DataverseEmulator:
     def set_metadata(self, metadata: TableMetadata) -> None:
         with self._lock:
             self.metadata = metadata
+            self._changes += 1
 
     def set_refused(self, keys: Iterable[str]) -> list[str]:
         with self._lock:
@@ -475,6 +478,7 @@ class DataverseEmulator:
             if if_match is not None:
                 self._check_etag(primary, if_match)
             row = self._rows.pop(primary)
+            self._changes += 1
             key = row.get(self.metadata.key_column)
             if isinstance(key, str):
                 self._by_key.pop(key.lower(), None)
@@ -515,12 +519,34 @@ class DataverseEmulator:
                 raise
             return ids
 
-    def query(self) -> list[dict[str, Any]]:
-        """Every row, ordered by the alternate key (rows without one first), then by id."""
+    def checkpoint(self) -> tuple[dict[str, dict[str, Any]], dict[str, str], list[str]]:
+        """The rows as they are, for a ``$batch`` changeset to return to if one of its requests fails."""
         with self._lock:
-            rows = [dict(row) for row in self._rows.values()]
-        key = self.metadata.key_column
-        return sorted(rows, key=lambda row: (str(row.get(key) or "").lower(), row[self.metadata.primary_id]))
+            return {k: dict(v) for k, v in self._rows.items()}, dict(self._by_key), list(self._deleted)
+
+    def restore(self, checkpoint: tuple[dict[str, dict[str, Any]], dict[str, str], list[str]]) -> None:
+        with self._lock:
+            rows, by_key, deleted = checkpoint
+            self._rows, self._by_key, self._deleted = dict(rows), dict(by_key), list(deleted)
+            self._changes += 1
+
+    def query(self) -> tuple[list[tuple[str, str]], list[dict[str, Any]]]:
+        """Every row ordered by the alternate key (rows without one first), then by id, with each
+        row's position ``(lower-cased key, id)`` — what a ``$skiptoken`` names. Kept sorted between
+        changes, so that paging through a large table does not sort it again for every page; the rows
+        are the emulator's own: read them, never change them."""
+        with self._lock:
+            if self._ordered is None or self._ordered[0] != self._changes:
+                key, primary = self.metadata.key_column, self.metadata.primary_id
+                ranked = sorted(
+                    ((str(row.get(key) or "").lower(), str(row[primary])), row) for row in self._rows.values()
+                )
+                self._ordered = (
+                    self._changes,
+                    [position for position, _ in ranked],
+                    [dict(row) for _, row in ranked],
+                )
+            return self._ordered[1], self._ordered[2]
 
     def snapshot(self) -> dict[str, Any]:
         """Rows by alternate key (by id when they have none), deletions, refusals, metadata, limits."""
@@ -539,6 +565,7 @@ class DataverseEmulator:
     # internals ---------------------------------------------------------------------------------------
 
     def _undo(self, undo: list[tuple[str, dict[str, Any] | None]]) -> None:
+        self._changes += 1
         for row_id, previous in reversed(undo):
             current = self._rows.pop(row_id, None)
             if current is not None and isinstance(current.get(self.metadata.key_column), str):
@@ -712,6 +739,7 @@ class DataverseEmulator:
                 raise ODataError(412, DUPLICATE_KEY, f"Another record already holds {key_column} '{key}'.")
             self._by_key[key.lower()] = primary
         self._rows[primary] = row
+        self._changes += 1
 
 
 def etag(row: Mapping[str, Any]) -> str:
