@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 
+from certsync.delivery.auto_replay import AutoReplayer
 from certsync.delivery.queue import QueueService
 from certsync.delivery.replay import ReplayService
 from certsync.delivery.sinks import RetryQueueSink
@@ -44,6 +45,7 @@ from certsync.store.embedded import embedded_database_url
 from certsync.store.migrations import MigrationReport, migrate
 from certsync.store.outbox import Outbox, OutboxListener
 from certsync.store.pool import Pool, open_pool
+from certsync.store.retention import Retention, RetentionPolicy
 from certsync.store.retry_queue import RetryQueue
 from certsync.store.sweep import expire_due
 from certsync.worker import SyncWorker, WorkerOptions, today_in
@@ -247,7 +249,25 @@ class Runtime:
     def outbox(self) -> Outbox:
         return Outbox(self.pool, worker_id())
 
+    def auto_replayer(self) -> AutoReplayer:
+        """Replays due pending queue entries by itself (``CERTSYNC_AUTO_REPLAY``), as ``auto-replay``."""
+        return AutoReplayer(
+            self.queue, self.replay_service(), self.breaker, self.clock, instrumentation=self.instrumentation
+        )
+
+    def retention(self) -> Retention:
+        """Deletes old finished outbox events, queue entries and access-audit records, in batches."""
+        return Retention(
+            self.pool,
+            RetentionPolicy(
+                outbox_days=self.settings.outbox_retention_days,
+                queue_days=self.settings.queue_retention_days,
+                audit_days=self.settings.audit_retention_days,
+            ),
+        )
+
     def worker(self, options: WorkerOptions | None = None, *, listen: bool = True) -> SyncWorker:
+        sending = self.settings.sync_enabled
         return SyncWorker(
             pool=self.pool,
             outbox=self.outbox(),
@@ -259,6 +279,9 @@ class Runtime:
             listener=OutboxListener(self.database_url) if listen else None,
             companions=(AccessAuditRecorder(self.database_url),) if listen else (),
             options=options,
+            auto_replay=self.auto_replayer() if sending and self.settings.auto_replay else None,
+            # Retention runs with the flag off too: it deletes only what is finished.
+            retention=self.retention(),
         )
 
 
