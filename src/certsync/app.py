@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 
 from certsync.delivery.auto_replay import AutoReplayer
+from certsync.delivery.backfill import BackfillService
 from certsync.delivery.queue import QueueService
 from certsync.delivery.replay import ReplayService
 from certsync.delivery.sinks import RetryQueueSink
@@ -265,6 +266,10 @@ class Runtime:
                 audit_days=self.settings.audit_retention_days,
             ),
         )
+
+    def backfill(self) -> BackfillService:
+        """``certsync backfill``: queue the current state of chosen certifications, in keyset batches."""
+        return BackfillService(self.pool)
 
     def worker(self, options: WorkerOptions | None = None, *, listen: bool = True) -> SyncWorker:
         sending = self.settings.sync_enabled
