@@ -19,6 +19,8 @@ from pathlib import Path
 import httpx
 import structlog
 
+from certsync.delivery.auto_replay import AutoReplayer
+from certsync.delivery.backfill import BackfillService
 from certsync.delivery.queue import QueueService
 from certsync.delivery.reconcile import PeriodicReconcile, Reconciler
 from certsync.delivery.replay import ReplayService
@@ -49,6 +51,7 @@ from certsync.store.migrations import MigrationReport, migrate
 from certsync.store.outbox import Outbox, OutboxListener
 from certsync.store.pool import Pool, open_pool
 from certsync.store.reconcile import ReconcileStore
+from certsync.store.retention import Retention, RetentionPolicy
 from certsync.store.retry_queue import RetryQueue
 from certsync.store.sweep import expire_due
 from certsync.worker import Companion, SyncWorker, WorkerOptions, today_in
@@ -319,6 +322,27 @@ class Runtime:
     def outbox(self) -> Outbox:
         return Outbox(self.pool, worker_id(), organisation_id=self.settings.dynamics_organisation_id)
 
+    def auto_replayer(self) -> AutoReplayer:
+        """Replays due pending queue entries by itself (``CERTSYNC_AUTO_REPLAY``), as ``auto-replay``."""
+        return AutoReplayer(
+            self.queue, self.replay_service(), self.breaker, self.clock, instrumentation=self.instrumentation
+        )
+
+    def retention(self) -> Retention:
+        """Deletes old finished outbox events, queue entries and access-audit records, in batches."""
+        return Retention(
+            self.pool,
+            RetentionPolicy(
+                outbox_days=self.settings.outbox_retention_days,
+                queue_days=self.settings.queue_retention_days,
+                audit_days=self.settings.audit_retention_days,
+            ),
+        )
+
+    def backfill(self) -> BackfillService:
+        """``certsync backfill``: queue the current state of chosen certifications, in keyset batches."""
+        return BackfillService(self.pool)
+
     def reconciler(self) -> Reconciler:
         """``certsync reconcile`` and the worker's periodic reconcile: the portal's listing against the
         database's, in this portal's organisation scope, with "today" where ``CERTSYNC_TIMEZONE`` says."""
@@ -357,6 +381,7 @@ class Runtime:
                 hint="CERTSYNC_DYNAMICS_ORGANISATION_ID is not set: every organisation's mentors are sent"
                 " to this portal",
             )
+        sending = self.settings.sync_enabled
         companions: tuple[Companion, ...] = (AccessAuditRecorder(self.database_url),) if listen else ()
         periodic = self.periodic_reconcile() if reconcile else None
         if periodic is not None:
@@ -372,6 +397,9 @@ class Runtime:
             listener=OutboxListener(self.database_url) if listen else None,
             companions=companions,
             options=options,
+            auto_replay=self.auto_replayer() if sending and self.settings.auto_replay else None,
+            # Retention runs with the flag off too: it deletes only what is finished.
+            retention=self.retention(),
         )
 
 

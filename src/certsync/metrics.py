@@ -35,6 +35,7 @@ from certsync.delivery.status import SystemStatus, read_system_status
 from certsync.resilience.breaker import CircuitState
 from certsync.resilience.instrumentation import (
     AttemptFailed,
+    AutoReplayFinished,
     CircuitTransitioned,
     DeliveryEvent,
     DeliveryFinished,
@@ -105,6 +106,13 @@ class ProcessMetrics:
             ["from_state", "to_state"],
             registry=self.registry,
         )
+        self.auto_replays = Counter(
+            "certsync_auto_replays",
+            "Pending retry-queue entries this worker replayed by itself, by outcome (replayed, failed,"
+            " exhausted, requires_investigation, refused, skipped).",
+            ["outcome"],
+            registry=self.registry,
+        )
 
     def observe(self, event: DeliveryEvent) -> None:
         """Count one delivery event: the hook this process's ``Instrumentation`` calls."""
@@ -122,6 +130,8 @@ class ProcessMetrics:
                 self.request_seconds.labels(method, status_class).observe(seconds)
             case CircuitTransitioned(old=old, new=new):
                 self.transitions.labels(old, new).inc()
+            case AutoReplayFinished(outcome=outcome):
+                self.auto_replays.labels(outcome).inc()
 
 
 def _seconds(value: Any) -> float:

@@ -80,6 +80,18 @@ class Settings(BaseSettings):
         le=3650.0,
         description="delivered and superseded outbox events are kept this long",
     )
+    queue_retention_days: float = Field(
+        default=90.0,
+        gt=0.0,
+        le=3650.0,
+        description="replayed and discarded retry-queue entries are kept this long after they became final",
+    )
+    audit_retention_days: float = Field(
+        default=365.0,
+        gt=0.0,
+        le=36500.0,
+        description="access-audit records (private.access_audit) are kept this long",
+    )
 
     retry_max_retries: int = Field(default=3, ge=0, le=20)
     retry_base_delay: float = Field(default=2.0, ge=0.0, le=3600.0)

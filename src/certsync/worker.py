@@ -5,6 +5,11 @@ flight for one certification), delivers each through ``HLFDynamicsSyncService`` 
 one event's 2 + 4 + 8 s of back-off never stalls the others), and closes it fenced by its claim. It
 wakes on LISTEN/NOTIFY and polls as a fallback, keeps its claims alive with a heartbeat, stops
 claiming while the shared circuit is open, and expires certifications the moment they pass.
+
+Beside the outbox it replays due ``pending`` retry-queue entries by itself (``AutoReplayer``, as
+tasks beside the deliveries, within the same concurrency and the same circuit rules) and deletes old
+finished rows (``Retention``, at most every ``retention_check_seconds``). With the flag off it sends
+nothing, but the expiry sweep and retention still run.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from zoneinfo import ZoneInfo
 
 import structlog
 
+from certsync.delivery.auto_replay import AutoReplayer
 from certsync.delivery.requests import UndeliverableState, request_for
 from certsync.delivery.sinks import OutboxFailureSink
 from certsync.delivery.sync_service import DeliveryFailure, HLFDynamicsSyncService, Outcome
@@ -28,6 +34,8 @@ from certsync.resilience.clock import Clock, Sleep
 from certsync.store.errors import DatabaseUnavailable
 from certsync.store.outbox import ClaimedEvent, Outbox
 from certsync.store.pool import Pool
+from certsync.store.retention import Retention
+from certsync.store.retry_queue import AutoReplayClaim
 from certsync.store.sweep import expire_due, next_expiry
 
 log = structlog.get_logger(__name__)
@@ -67,6 +75,10 @@ class WorkerOptions:
     sweep_check_seconds: float = 5.0
     shutdown_grace_seconds: float = 30.0
     sweep: bool = True
+    # Retention deletes in small batches; checking more often than every few minutes gains nothing.
+    retention_check_seconds: float = 300.0
+    # Automatic replays claimed at one time (each also takes a delivery slot while it runs).
+    auto_replay_batch: int = 4
 
     def __post_init__(self) -> None:
         if not self.heartbeat_seconds < self.lease_seconds:
@@ -94,6 +106,9 @@ class WorkerStats:
     stale_results: int = 0
     rescued: int = 0
     expired_by_sweep: int = 0
+    auto_replayed: int = 0
+    auto_replay_failed: int = 0
+    pruned: int = 0
     crashed: int = 0
     database_outages: int = 0
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
@@ -122,6 +137,8 @@ class SyncWorker:
         companions: tuple[Companion, ...] = (),
         options: WorkerOptions | None = None,
         on_progress: Callable[[WorkerStats], None] | None = None,
+        auto_replay: AutoReplayer | None = None,
+        retention: Retention | None = None,
     ) -> None:
         self._pool = pool
         self._outbox = outbox
@@ -135,6 +152,10 @@ class SyncWorker:
         self._options = options or WorkerOptions()
         self._on_progress = on_progress
         self._tasks: dict[asyncio.Task[None], ClaimedEvent] = {}
+        self._auto_replay = auto_replay
+        self._replays: set[asyncio.Task[None]] = set()
+        self._retention = retention
+        self._next_retention: datetime | None = None
         self._next_sweep_check: datetime | None = None
         self._failure: WorkerFailed | None = None
         self.stats = WorkerStats()
@@ -155,8 +176,7 @@ class SyncWorker:
                 log.warning(
                     "dynamics_sync_disabled", hint="CERTSYNC_DYNAMICS_SYNC_ENABLED=false: changes wait"
                 )
-                if not once:
-                    await stop.wait()
+                await self._housekeep_until(stop, once=once)
             else:
                 background.append(self._side_task(self._heartbeat(), "lease-heartbeat", stop))
                 if self._listener is not None:
@@ -207,7 +227,7 @@ class SyncWorker:
                 claimed = await self._tick()
                 if self._on_progress is not None:
                     self._on_progress(self.stats)
-                if once and claimed == 0 and not self._tasks:
+                if once and claimed == 0 and not self._tasks and not self._replays:
                     return
                 idle: float | None = None
                 if claimed == 0 or self._free_slots() < self._claim_batch():
@@ -223,7 +243,7 @@ class SyncWorker:
                 await self._wait_for_work(stop, idle)
 
     def _free_slots(self) -> int:
-        return self._options.concurrency - len(self._tasks)
+        return self._options.concurrency - len(self._tasks) - len(self._replays)
 
     def _claim_batch(self) -> int:
         """Claim again once a quarter of the slots are free, not after every single delivery: one
@@ -239,8 +259,9 @@ class SyncWorker:
         now = self._clock.now()
         if self._options.sweep:
             await self._sweep_if_due(now)
+        await self._retain_if_due(now)
         self.stats.rescued += await self._outbox.rescue_expired(now)
-        limit = await self._claim_limit(self._options.concurrency - len(self._tasks))
+        limit = await self._claim_limit(self._free_slots())
         if limit <= 0:
             return 0
         claim = await self._outbox.claim(now, limit=limit, lease_seconds=self._options.lease_seconds)
@@ -249,7 +270,7 @@ class SyncWorker:
             task = asyncio.create_task(self._deliver(event), name=f"deliver-{event.id}")
             self._tasks[task] = event
             task.add_done_callback(self._tasks.pop)
-        return len(claim.events)
+        return len(claim.events) + await self._start_auto_replays()
 
     async def _claim_limit(self, capacity: int) -> int:
         """Closed: fill capacity. Open: nothing until the cool-down ends. Then one probe at a time."""
@@ -258,7 +279,7 @@ class SyncWorker:
             return capacity
         if status.open_until is not None:
             return 0
-        return min(capacity, 1) if not self._tasks else 0
+        return min(capacity, 1) if not self._tasks and not self._replays else 0
 
     async def _idle_seconds(self) -> float:
         seconds = self._options.poll_seconds
@@ -273,7 +294,9 @@ class SyncWorker:
             self._wake.clear()
             return
         signals = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
-        await asyncio.wait([*signals, *self._tasks], timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            [*signals, *self._tasks, *self._replays], timeout=seconds, return_when=asyncio.FIRST_COMPLETED
+        )
         for signal in signals:
             signal.cancel()
         self._wake.clear()
@@ -378,6 +401,83 @@ class SyncWorker:
         self.stats.expired_by_sweep += expired
         log.info("expiry_sweep", expired=expired, today=today.isoformat())
 
+    async def _start_auto_replays(self) -> int:
+        """Claim the pending retry-queue entries due for an automatic replay, as far as free slots and
+        the circuit allow (after this tick's outbox claim: when half-open, one probe in all)."""
+        if self._auto_replay is None:
+            return 0
+        wanted = min(self._free_slots(), self._options.auto_replay_batch)
+        limit = await self._auto_replay.capacity(
+            wanted, others_in_flight=len(self._tasks) + len(self._replays)
+        )
+        claims = await self._auto_replay.claim(limit)
+        for claim in claims:
+            task = asyncio.create_task(self._replay_entry(claim), name=f"auto-replay-{claim.id}")
+            self._replays.add(task)
+            task.add_done_callback(self._replays.discard)
+        return len(claims)
+
+    async def _replay_entry(self, claim: AutoReplayClaim) -> None:
+        assert self._auto_replay is not None
+        try:
+            outcome = await self._auto_replay.replay(claim)
+            if outcome == "replayed":
+                self.stats.auto_replayed += 1
+            elif outcome in ("failed", "exhausted", "requires_investigation"):
+                self.stats.auto_replay_failed += 1
+        except asyncio.CancelledError:
+            # Shutting down mid-replay: due again now rather than when the lease runs out.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._auto_replay.release(claim))
+            raise
+        except Exception:
+            # The lease runs out and the entry is due again. Never lost, never fatal.
+            self.stats.crashed += 1
+            log.exception("auto_replay_crashed", entry_id=claim.id)
+
+    async def _retain_if_due(self, now: datetime) -> None:
+        """Retention (``store/retention.py``) at most every ``retention_check_seconds``; sooner while a
+        run stopped at its bound with more left to delete."""
+        if self._retention is None or (self._next_retention is not None and now < self._next_retention):
+            return
+        self._next_retention = now + timedelta(seconds=self._options.retention_check_seconds)
+        report = await self._retention.run(now)
+        if not report.complete:
+            self._next_retention = now
+        self.stats.pruned += report.total
+        if report.total:
+            log.info(
+                "retention",
+                outbox_events=report.deleted("outbox"),
+                queue_entries=report.deleted("queue"),
+                audit_records=report.deleted("audit"),
+                complete=report.complete,
+            )
+
+    async def _housekeep_until(self, stop: asyncio.Event, *, once: bool) -> None:
+        """The flag off: nothing is sent, yet statuses stay true in the database (the expiry sweep)
+        and retention runs; every change waits in the outbox. ``once``: one pass, then return."""
+        outage_backoff = 0.5
+        while not stop.is_set():
+            try:
+                now = self._clock.now()
+                if self._options.sweep:
+                    await self._sweep_if_due(now)
+                await self._retain_if_due(now)
+                if self._on_progress is not None:
+                    self._on_progress(self.stats)
+                wait = self._options.sweep_check_seconds
+                outage_backoff = 0.5
+            except DatabaseUnavailable as exc:
+                self.stats.database_outages += 1
+                log.error("database_unavailable", error=str(exc), retry_in=outage_backoff)
+                wait = outage_backoff
+                outage_backoff = min(outage_backoff * 2, 30.0)
+            else:
+                if once:
+                    return
+            await self._wait_for_work(stop, wait)
+
     async def _heartbeat(self) -> None:
         """Extend the claims held until ``run`` cancels this, after the drain: not at ``stop``, when
         the deliveries still in flight need their leases most."""
@@ -392,10 +492,10 @@ class SyncWorker:
 
     async def _drain(self, stop: asyncio.Event) -> None:
         """Let in-flight deliveries finish within the grace period; hand back the rest."""
-        if not self._tasks:
+        if not self._tasks and not self._replays:
             return
-        log.info("worker_draining", in_flight=len(self._tasks), stopping=stop.is_set())
-        tasks = set(self._tasks)
+        log.info("worker_draining", in_flight=len(self._tasks) + len(self._replays), stopping=stop.is_set())
+        tasks = set(self._tasks) | self._replays
         _, pending = await asyncio.wait(tasks, timeout=self._options.shutdown_grace_seconds)
         for task in pending:
             task.cancel()

@@ -21,6 +21,8 @@ def cli_env(database_url: str, base_url: str | None = None, **overrides: str) ->
         "CERTSYNC_RETRY_BASE_DELAY": "0.01",
         "CERTSYNC_BREAKER_COOLDOWN": "30",
         "CERTSYNC_DYNAMICS_SYNC_ENABLED": "true" if base_url else "false",
+        # Off unless a test turns it on: queue tests look at the pending entries a worker run leaves.
+        "CERTSYNC_AUTO_REPLAY": "false",
     }
     if base_url is not None:
         env |= {"CERTSYNC_DYNAMICS_BASE_URL": base_url, "CERTSYNC_DYNAMICS_TOKEN": DEFAULT_TOKEN}

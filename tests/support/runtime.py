@@ -1,7 +1,9 @@
 """Running certsync in a test: the settings it runs with, the worker options, and waiting for it.
 
 - ``portal_settings``: settings as a deployment against a portal would have them (the benchmarks use it);
-  ``settings_for``: the same against the test's sandbox, with short retry and cool-down delays.
+  ``settings_for``: the same against the test's sandbox, with short retry and cool-down delays and
+  automatic replay off (most tests look at the pending entries a worker run leaves; the tests of
+  automatic replay, tests/integration/test_auto_replay.py, turn it on).
 - ``FAST``: worker options with short polls, heartbeats and leases.
 - ``puts``: the certification PUTs the sandbox received.
 - ``wait_until``: poll a condition (plain or async) until it holds, failing the test naming what it
@@ -43,7 +45,7 @@ def portal_settings(database_url: str, portal: str, **overrides: Any) -> Setting
 
 def settings_for(database_url: str, sandbox: SandboxServer, **overrides: Any) -> Settings:
     """Settings against the test's sandbox: retries and the breaker's cool-down are short."""
-    values: dict[str, Any] = {"retry_base_delay": 0.01, "breaker_cooldown": 0.5}
+    values: dict[str, Any] = {"retry_base_delay": 0.01, "breaker_cooldown": 0.5, "auto_replay": False}
     return portal_settings(database_url, sandbox.url, **(values | overrides))
 
 

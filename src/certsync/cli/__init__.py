@@ -8,6 +8,7 @@ from __future__ import annotations
 
 # Imported for their registration on ``cli``.
 from certsync.cli import (  # noqa: F401
+    backfill,
     breaker,
     console,
     contract,

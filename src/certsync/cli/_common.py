@@ -84,16 +84,18 @@ cli = typer.Typer(
 )
 
 
-def progress_bar() -> Progress:
-    """The one progress bar of long commands: on a terminal only, gone when done (output stays clean)."""
+def progress_bar(console: Console | None = None) -> Progress:
+    """The one progress bar of long commands: on a terminal only, gone when done (output stays clean).
+    ``console``: where it is drawn (stdout by default; ``err`` keeps stdout for the result alone)."""
+    console = console or out
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
-        console=out,
+        console=console,
         transient=True,
-        disable=not out.is_terminal,
+        disable=not console.is_terminal,
     )
 
 

@@ -252,6 +252,13 @@ def show(
     details.add_row("attempts", str(entry.attempt_count))
     details.add_row("replays", str(entry.replay_count))
     details.add_row("last replayed", f"{_when(entry.last_replayed_at)} by {entry.last_replayed_by or '-'}")
+    if entry.status == "pending":
+        upcoming = (
+            f"next {_when(entry.next_auto_replay_at)}"
+            if entry.next_auto_replay_at is not None
+            else "none left: waits for a person"
+        )
+        details.add_row("automatic replays", f"{entry.auto_replay_count} made, {upcoming}")
     if entry.status == "discarded":
         details.add_row("discarded", f"by {entry.discarded_by}: {escape(entry.discarded_reason or '')}")
     details.add_row("created", _when(entry.created_at))

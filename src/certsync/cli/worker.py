@@ -59,6 +59,9 @@ def _print_summary(stats: WorkerStats) -> None:
         ("superseded by a newer state", stats.superseded),
         ("held while the circuit was open", stats.held),
         ("not sent (outside the portal's organisation)", stats.out_of_scope),
+        ("replayed from the queue by itself", stats.auto_replayed),
+        ("automatic replays that failed", stats.auto_replay_failed),
+        ("old finished rows deleted", stats.pruned),
         ("expired by the sweep", stats.expired_by_sweep),
         ("rescued from a dead worker", stats.rescued),
     ]

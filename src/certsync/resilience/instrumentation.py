@@ -19,6 +19,7 @@ import structlog
 
 __all__ = [
     "AttemptFailed",
+    "AutoReplayFinished",
     "CircuitTransitioned",
     "DeliveryEvent",
     "DeliveryFinished",
@@ -67,7 +68,24 @@ class CircuitTransitioned:
     new: str
 
 
-DeliveryEvent = RequestFinished | AttemptFailed | RetryScheduled | DeliveryFinished | CircuitTransitioned
+@dataclass(frozen=True, slots=True)
+class AutoReplayFinished:
+    """The worker replayed a pending retry-queue entry by itself (``delivery/auto_replay.py``).
+
+    ``outcome``: replayed, failed (due again later), exhausted (waits for a person now),
+    requires_investigation, refused (the open circuit refused it before any call), skipped."""
+
+    outcome: str
+
+
+DeliveryEvent = (
+    RequestFinished
+    | AttemptFailed
+    | RetryScheduled
+    | DeliveryFinished
+    | CircuitTransitioned
+    | AutoReplayFinished
+)
 Hook = Callable[[DeliveryEvent], None]
 
 

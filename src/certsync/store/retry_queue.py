@@ -1,11 +1,16 @@
 """The Dynamics retry queue (``dynamics_sync_retry_queue``): what could not be delivered, kept for
-manual replay (``pending``) or investigation (``requires_investigation``), never dropped."""
+replay (``pending``: automatic, then manual) or investigation (``requires_investigation``).
+
+``next_auto_replay_at`` is an entry's automatic-replay schedule: set where entries are written
+(pending: due now; anything else: null, it waits for a person), taken as a lease by
+``claim_auto_replays`` and moved on by ``schedule_auto_replay`` after each automatic replay.
+Replayed and discarded entries are final; retention (``store/retention.py``) deletes them in time."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 from uuid import UUID
 
@@ -20,6 +25,9 @@ from certsync.store.queries import query
 
 QueueStatus = Literal["pending", "requires_investigation", "replayed", "discarded"]
 QUEUE_STATUSES: tuple[QueueStatus, ...] = ("pending", "requires_investigation", "replayed", "discarded")
+
+MAX_AUTO_REPLAYS = 5
+"""Automatic replays an entry gets before it waits for a person (``delivery/auto_replay.py``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +59,8 @@ class RetryEntrySummary:
     last_replayed_by: str | None
     created_at: datetime
     updated_at: datetime
+    auto_replay_count: int
+    next_auto_replay_at: datetime | None  # None: it waits for a person
 
     @property
     def actionable(self) -> bool:
@@ -66,6 +76,14 @@ class RetryEntry(RetryEntrySummary):
     failure_history: list[dict[str, Any]]
     discarded_reason: str | None
     discarded_by: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AutoReplayClaim:
+    """A pending entry one worker has taken for an automatic replay (its lease is held in the row)."""
+
+    id: int
+    auto_replay_count: int  # automatic replays already made, not counting this one
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,10 +229,30 @@ class RetryQueue:
                 "by": by,
                 "now": now,
                 "payload_json": Jsonb(payload_json) if payload_json is not None else None,
+                "max_auto_replays": MAX_AUTO_REPLAYS,
             },
         )
         if not rows:
             raise NotFound(f"no retry queue entry with id {entry_id}")
+
+    async def claim_auto_replays(
+        self, now: datetime, *, limit: int, lease_seconds: float
+    ) -> list[AutoReplayClaim]:
+        """Take up to ``limit`` pending entries due for an automatic replay (SKIP LOCKED), holding each
+        for ``lease_seconds``: no other worker takes it meanwhile."""
+        rows = await fetch(
+            self._pool,
+            "claim_due_auto_replays",
+            {"now": now, "limit": limit, "lease_until": now + timedelta(seconds=lease_seconds)},
+        )
+        return [AutoReplayClaim(int(r["id"]), int(r["auto_replay_count"])) for r in rows]
+
+    async def schedule_auto_replay(self, entry_id: int, *, counted: bool, next_at: datetime | None) -> None:
+        """After an automatic replay: count it (``counted``) and set the next one (None: a person's).
+        An entry that is no longer pending keeps no schedule. A vanished entry is no error."""
+        await fetch(
+            self._pool, "schedule_auto_replay", {"id": entry_id, "counted": counted, "next_at": next_at}
+        )
 
     async def discard(self, entry_id: int, *, reason: str, by: str, now: datetime) -> bool:
         """Mark discarded (kept, with the reason). False when it was already replayed or discarded."""
