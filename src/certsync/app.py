@@ -8,6 +8,7 @@ own clock, sleep and HTTP transport.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -369,7 +370,10 @@ class Runtime:
     ) -> SyncWorker:
         """``reconcile``: run the periodic reconcile beside the deliveries (``certsync worker`` does,
         ``worker --once`` does not)."""
-        concurrency = (options or WorkerOptions()).concurrency
+        options = options or WorkerOptions()
+        if self.settings.dynamics_api == "dataverse":
+            options = dataclasses.replace(options, batch_size=self.settings.dataverse_batch_size)
+        concurrency = options.concurrency
         if self.settings.dynamics_api == "dataverse" and concurrency > MAX_CONCURRENT_REQUESTS:
             raise ConfigurationError(
                 f"--concurrency {concurrency}: Dataverse allows at most {MAX_CONCURRENT_REQUESTS}"

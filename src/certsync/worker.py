@@ -25,9 +25,16 @@ from zoneinfo import ZoneInfo
 import structlog
 
 from certsync.delivery.auto_replay import AutoReplayer
-from certsync.delivery.requests import UndeliverableState, request_for
+from certsync.delivery.requests import PortalRequest, UndeliverableState, request_for
 from certsync.delivery.sinks import OutboxFailureSink
-from certsync.delivery.sync_service import DeliveryFailure, HLFDynamicsSyncService, Outcome
+from certsync.delivery.sync_service import (
+    BulkItem,
+    DeliveryFailure,
+    DeliveryOutcome,
+    HLFDynamicsSyncService,
+    Outcome,
+)
+from certsync.dynamics.contract import CertificationUpsert
 from certsync.errors import CertsyncError
 from certsync.resilience.breaker import CircuitState
 from certsync.resilience.clock import Clock, Sleep
@@ -75,12 +82,16 @@ class WorkerOptions:
     sweep_check_seconds: float = 5.0
     shutdown_grace_seconds: float = 30.0
     sweep: bool = True
+    # Certifications per portal call when the portal takes bulk upserts (CERTSYNC_DATAVERSE_BATCH_SIZE).
+    batch_size: int = 1
     # Retention deletes in small batches; checking more often than every few minutes gains nothing.
     retention_check_seconds: float = 300.0
     # Automatic replays claimed at one time (each also takes a delivery slot while it runs).
     auto_replay_batch: int = 4
 
     def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be 1 or more, not {self.batch_size}")
         if not self.heartbeat_seconds < self.lease_seconds:
             raise ValueError(
                 f"heartbeat_seconds ({self.heartbeat_seconds}) must be shorter than lease_seconds"
@@ -151,7 +162,8 @@ class SyncWorker:
         self._wake = asyncio.Event()
         self._options = options or WorkerOptions()
         self._on_progress = on_progress
-        self._tasks: dict[asyncio.Task[None], ClaimedEvent] = {}
+        # Each delivery task and the claims it holds (several for a bulk call).
+        self._tasks: dict[asyncio.Task[None], tuple[ClaimedEvent, ...]] = {}
         self._auto_replay = auto_replay
         self._replays: set[asyncio.Task[None]] = set()
         self._retention = retention
@@ -264,13 +276,65 @@ class SyncWorker:
         limit = await self._claim_limit(self._free_slots())
         if limit <= 0:
             return 0
-        claim = await self._outbox.claim(now, limit=limit, lease_seconds=self._options.lease_seconds)
+        batch_size = self._batch_size()
+        claim = await self._outbox.claim(
+            now, limit=limit * batch_size, lease_seconds=self._options.lease_seconds
+        )
         self.stats.superseded += claim.superseded
-        for event in claim.events:
-            task = asyncio.create_task(self._deliver(event), name=f"deliver-{event.id}")
-            self._tasks[task] = event
-            task.add_done_callback(self._tasks.pop)
+        singles, batches = self._plan(claim.events, batch_size)
+        for event in singles:
+            self._start(self._deliver(event), f"deliver-{event.id}", (event,))
+        for batch in batches:
+            events = tuple(event for event, _ in batch)
+            self._start(self._deliver_batch(batch), f"deliver-batch-{events[0].id}", events)
         return len(claim.events) + await self._start_auto_replays()
+
+    def _start(
+        self, work: Coroutine[object, object, None], name: str, events: tuple[ClaimedEvent, ...]
+    ) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._tasks[task] = events
+        task.add_done_callback(self._tasks.pop)
+
+    def _batch_size(self) -> int:
+        """Certifications per portal call: ``batch_size`` when the portal takes bulk upserts, else 1."""
+        return self._options.batch_size if self._sync.bulk else 1
+
+    def _plan(
+        self, events: tuple[ClaimedEvent, ...], batch_size: int
+    ) -> tuple[list[ClaimedEvent], list[list[tuple[ClaimedEvent, CertificationUpsert]]]]:
+        """Which events go one by one (deletes, no request, undeliverable, a lone upsert) and which
+        upserts share one bulk call, at most ``batch_size`` per call."""
+        if batch_size <= 1:
+            return list(events), []
+        singles: list[ClaimedEvent] = []
+        upserts: list[tuple[ClaimedEvent, CertificationUpsert]] = []
+        today = today_in(self._zone, self._clock)
+        for event in events:
+            try:
+                request = self._request(event, today)
+            except UndeliverableState:
+                singles.append(event)  # ``_deliver`` keeps it for investigation
+                continue
+            if isinstance(request, CertificationUpsert):
+                upserts.append((event, request))
+            else:
+                singles.append(event)
+        batches = [upserts[i : i + batch_size] for i in range(0, len(upserts), batch_size)]
+        if batches and len(batches[-1]) == 1:
+            singles.append(batches.pop()[0][0])
+        return singles, batches
+
+    @staticmethod
+    def _request(event: ClaimedEvent, today: date) -> PortalRequest | None:
+        return request_for(
+            event.id,
+            event.occurred_at,
+            event.certification_id,
+            event.current,
+            may_unlist=event.may_unlist,
+            today=today,
+        )
 
     async def _claim_limit(self, capacity: int) -> int:
         """Closed: fill capacity. Open: nothing until the cool-down ends. Then one probe at a time."""
@@ -305,14 +369,7 @@ class SyncWorker:
         sink = OutboxFailureSink(self._outbox, event, self._clock)
         try:
             try:
-                request = request_for(
-                    event.id,
-                    event.occurred_at,
-                    event.certification_id,
-                    event.current,
-                    may_unlist=event.may_unlist,
-                    today=today_in(self._zone, self._clock),
-                )
+                request = self._request(event, today_in(self._zone, self._clock))
             except UndeliverableState as exc:
                 await self._keep_undeliverable(event, sink, exc)
                 return
@@ -327,18 +384,8 @@ class SyncWorker:
                     self.stats.delivered += 1
                 else:
                     self._stale(event)
-            elif outcome.outcome is Outcome.HELD:
-                self.stats.held += 1
-                open_until = await self._sync.breaker.open_until()
-                await self._outbox.release(
-                    event, available_at=open_until or self._clock.now(), detail="circuit open"
-                )
-            elif sink.lost_claim:
-                self._stale(event)
-            elif outcome.queue_status == "requires_investigation":
-                self.stats.queued_investigation += 1
             else:
-                self.stats.queued_pending += 1
+                await self._settle(event, outcome, sink)
         except asyncio.CancelledError:
             # Shutting down mid-delivery: hand the event back now rather than wait for the lease.
             with contextlib.suppress(Exception):
@@ -352,6 +399,55 @@ class SyncWorker:
             log.exception(
                 "delivery_crashed", event_id=str(event.id), certification_id=str(event.certification_id)
             )
+
+    async def _settle(self, event: ClaimedEvent, outcome: DeliveryOutcome, sink: OutboxFailureSink) -> None:
+        """An outcome other than delivered: held events wait again; queued ones are counted."""
+        if outcome.outcome is Outcome.HELD:
+            self.stats.held += 1
+            open_until = await self._sync.breaker.open_until()
+            await self._outbox.release(
+                event, available_at=open_until or self._clock.now(), detail="circuit open"
+            )
+        elif sink.lost_claim:
+            self._stale(event)
+        elif outcome.queue_status == "requires_investigation":
+            self.stats.queued_investigation += 1
+        else:
+            self.stats.queued_pending += 1
+
+    async def _deliver_batch(self, batch: list[tuple[ClaimedEvent, CertificationUpsert]]) -> None:
+        """Several upserts in one bulk call; the delivered events closed in one statement."""
+        sinks = [OutboxFailureSink(self._outbox, event, self._clock) for event, _ in batch]
+        try:
+            outcomes = await self._sync.deliver_bulk(
+                [
+                    BulkItem(request, event.operation_type, sink)
+                    for (event, request), sink in zip(batch, sinks, strict=True)
+                ],
+                when_open="hold",
+            )
+            delivered = [
+                e for (e, _), o in zip(batch, outcomes, strict=True) if o.outcome is Outcome.DELIVERED
+            ]
+            closed = await self._outbox.mark_delivered_many(delivered, self._clock.now())
+            self.stats.delivered += len(closed)
+            for event in delivered:
+                if event.id not in closed:
+                    self._stale(event)
+            for (event, _), outcome, sink in zip(batch, outcomes, sinks, strict=True):
+                if outcome.outcome is not Outcome.DELIVERED:
+                    await self._settle(event, outcome, sink)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                for event, _ in batch:
+                    await asyncio.shield(
+                        self._outbox.release(event, available_at=self._clock.now(), detail="worker stopped")
+                    )
+            raise
+        except Exception:
+            # Kept in flight: the leases run out and other claims deliver them. Never lost, never fatal.
+            self.stats.crashed += len(batch)
+            log.exception("bulk_delivery_crashed", events=len(batch), first_event_id=str(batch[0][0].id))
 
     async def _keep_undeliverable(
         self, event: ClaimedEvent, sink: OutboxFailureSink, exc: UndeliverableState
@@ -486,7 +582,8 @@ class SyncWorker:
             if self._tasks:
                 lease_until = self._clock.now() + timedelta(seconds=self._options.lease_seconds)
                 try:
-                    await self._outbox.extend_leases(list(self._tasks.values()), lease_until)
+                    held = [event for events in self._tasks.values() for event in events]
+                    await self._outbox.extend_leases(held, lease_until)
                 except DatabaseUnavailable as exc:
                     log.error("lease_heartbeat_failed", error=str(exc))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Any
+from uuid import UUID
 
 import httpx
 import psycopg
@@ -53,10 +54,11 @@ def rows(emulator: SandboxServer) -> dict[str, dict[str, Any]]:
 async def test_the_worker_writes_each_certification_as_a_row_by_its_key_and_deletes_it(
     database_url: str, superuser: Conn, hierarchy: Hierarchy, emulator: SandboxServer
 ) -> None:
+    """Single-request mode (CERTSYNC_DATAVERSE_BATCH_SIZE=1): one PATCH per change."""
     mentor = hierarchy.mentor(hierarchy.chapter(hierarchy.organisation()))
     kept, gone = (hierarchy.certification(mentor.peer_mentor_id) for _ in range(2))
     superuser.execute("update public.certifications set status = 'revoked' where id = %s", (kept,))
-    settings = dataverse_settings(database_url, emulator)
+    settings = dataverse_settings(database_url, emulator, dataverse_batch_size=1)
 
     async with open_runtime(settings) as runtime:
         first = await runtime.worker(FAST, listen=False).run(once=True)
@@ -148,3 +150,39 @@ async def test_a_refused_row_is_kept_for_investigation_with_dataverses_code(
     assert set(held) == {str(fine)}
     assert entry.status == "requires_investigation"
     assert entry.failure_reason.startswith("HTTP 400 Bad Request: 0x")
+
+
+async def test_due_changes_go_in_bulk_and_a_refused_row_is_isolated(
+    database_url: str, superuser: Conn, hierarchy: Hierarchy
+) -> None:
+    """250 due changes with CERTSYNC_DATAVERSE_BATCH_SIZE=100: UpsertMultiple calls of at most 100
+    targets, one certification per target; one row refused by a plug-in fails its call whole, the
+    batch is split until it stands alone, and it is the only one left for investigation."""
+    mentor = hierarchy.mentor(hierarchy.chapter(hierarchy.organisation()))
+    superuser.execute(
+        "insert into public.certifications (peer_mentor_id, valid_from, valid_until)"
+        " select %s, date '2026-01-01', date '2027-12-31' from generate_series(1, 250)",
+        (mentor.peer_mentor_id,),
+    )
+    ids = sorted(str(r[0]) for r in superuser.execute("select id from public.certifications").fetchall())
+    refused = ids[123]
+    with SandboxServer(DataverseConfig(refused=(refused,))) as emulator:
+        settings = dataverse_settings(database_url, emulator, dataverse_batch_size=100)
+        async with open_runtime(settings) as runtime:
+            stats = await runtime.worker(FAST, listen=False).run(once=True)
+            [entry] = await runtime.queue.list_entries()
+        held = rows(emulator)
+        calls = emulator.dataverse.requests()
+
+    assert (stats.delivered, stats.queued_investigation, stats.crashed) == (249, 1, 0)
+    assert set(held) == set(ids) - {refused}
+    assert (entry.certification_id, entry.status) == (UUID(refused), "requires_investigation")
+    bulk = [c for c in calls if c.method == "POST"]
+    assert bulk, "no UpsertMultiple was made"
+    assert max(c.targets or 0 for c in bulk) == 100
+    # Far fewer calls than changes: three full calls, and the splits around the refused row.
+    assert len(calls) < 30
+    statuses = superuser.execute(
+        "select status, count(*) from public.certification_sync_events group by status order by 1"
+    ).fetchall()
+    assert statuses == [("delivered", 249), ("queued", 1)]

@@ -156,6 +156,11 @@ class HLFDynamicsSyncService:
     def breaker(self) -> DynamicsCircuitBreaker:
         return self._breaker
 
+    @property
+    def bulk(self) -> bool:
+        """Whether the portal takes several upserts in one call (``deliver_bulk``)."""
+        return isinstance(self._portal, BulkPortal)
+
     async def deliver(
         self,
         request: PortalRequest,
