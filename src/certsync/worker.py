@@ -113,6 +113,7 @@ class WorkerStats:
     queued_investigation: int = 0
     held: int = 0
     out_of_scope: int = 0
+    probes: int = 0
     superseded: int = 0
     stale_results: int = 0
     rescued: int = 0
@@ -287,7 +288,20 @@ class SyncWorker:
         for batch in batches:
             events = tuple(event for event, _ in batch)
             self._start(self._deliver_batch(batch), f"deliver-batch-{events[0].id}", events)
-        return len(claim.events) + await self._start_auto_replays()
+        started = len(claim.events) + await self._start_auto_replays()
+        if started == 0 and not self._tasks and not self._replays:
+            await self._probe_if_due()
+        return started
+
+    async def _probe_if_due(self) -> None:
+        """Nothing to send and the cool-down over: probe the portal with a cheap read, so an open
+        circuit heals by itself on a quiet night instead of waiting for the next change."""
+        status = await self._sync.breaker.status()
+        if status.state is CircuitState.CLOSED or status.open_until is not None:
+            return
+        healed = await self._sync.probe()
+        if healed is not None:
+            self.stats.probes += 1
 
     def _start(
         self, work: Coroutine[object, object, None], name: str, events: tuple[ClaimedEvent, ...]
