@@ -110,11 +110,53 @@ def sandbox_process(faults: FaultScript | None = None) -> Iterator[str]:
             child.wait()
 
 
-def _wait_until_serving(url: str, timeout: float = 15.0) -> None:
+_DATAVERSE_CHILD = """
+import json, sys
+from certsync.logs import configure_logging
+from certsync.sandbox.dataverse_limits import parse_limits
+from certsync.sandbox.dataverse_state import DataverseConfig
+from certsync.sandbox.server import run_sandbox
+
+configure_logging("json", "warning")
+config = DataverseConfig(limits=parse_limits(json.loads(sys.argv[1])))
+
+def announce(url):
+    print(url, flush=True)
+
+run_sandbox("127.0.0.1", 0, config, on_listening=announce)
+"""
+
+
+@contextmanager
+def dataverse_process(limits: dict[str, Any]) -> Iterator[str]:
+    """The Dataverse emulator in a child process, with ``limits`` (fields of ``ServiceLimits``)."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", _DATAVERSE_CHILD, json.dumps(limits)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        url = child.stdout.readline().strip()
+        if not url.startswith("http"):
+            raise RuntimeError("the Dataverse emulator process did not start")
+        _wait_until_serving(url, probe="/_sandbox/state")
+        yield url
+    finally:
+        child.terminate()
+        try:
+            child.wait(10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def _wait_until_serving(url: str, timeout: float = 15.0, probe: str = "/_sandbox/faults") -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            httpx.get(f"{url}/_sandbox/faults", timeout=1.0)
+            httpx.get(f"{url}{probe}", timeout=1.0)
             return
         except httpx.TransportError:
             if time.monotonic() > deadline:

@@ -1,8 +1,8 @@
 """``python -m bench [NAME ...] [--database-url URL] [--quick]``: run every benchmark, or the ones named.
 
-Names: breaker, retry, throughput, latency, rate_limit, database, memory, reconcile. Each prints its table and
-writes ``bench/results/<name>.md``. ``--database-url`` (or ``CERTSYNC_TEST_DATABASE_URL``) is an admin
-connection to a PostgreSQL server on which fresh databases are created and dropped; without either,
+Names: breaker, retry, throughput, latency, rate_limit, database, memory, reconcile, bulk. Each prints
+its table and writes ``bench/results/<name>.md``. ``--database-url`` (or ``CERTSYNC_TEST_DATABASE_URL``) is
+an admin connection to a PostgreSQL server on which fresh databases are created and dropped; without either,
 the embedded server the tests use is started.
 """
 
@@ -17,7 +17,7 @@ import time
 from bench import DATABASE_ENV, Options
 from bench._report import console, publish
 
-NAMES = ("breaker", "retry", "throughput", "latency", "rate_limit", "database", "memory", "reconcile")
+NAMES = ("breaker", "retry", "throughput", "latency", "rate_limit", "database", "memory", "reconcile", "bulk")
 
 
 def parse(argv: list[str]) -> tuple[list[str], Options]:

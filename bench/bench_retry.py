@@ -58,6 +58,9 @@ class NoopPortal:
     async def check_contract(self) -> ContractCheck:
         return ContractCheck("noop", True, "accepts everything")
 
+    async def probe(self) -> None:
+        return None
+
 
 class NoFailures:
     async def record(self, failure: DeliveryFailure) -> None:
