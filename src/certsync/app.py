@@ -54,7 +54,7 @@ from certsync.store.pool import Pool, open_pool
 from certsync.store.reconcile import ReconcileStore
 from certsync.store.retention import Retention, RetentionPolicy
 from certsync.store.retry_queue import RetryQueue
-from certsync.store.sweep import expire_due
+from certsync.store.sweep import count_due, expire_due
 from certsync.worker import Companion, SyncWorker, WorkerOptions, today_in
 
 log = structlog.get_logger(__name__)
@@ -316,6 +316,10 @@ class Runtime:
     async def expire_due(self) -> int:
         """The expiry sweep, now: every active certification past its ``valid_until``, in one statement."""
         return await expire_due(self.pool, self.today())
+
+    async def count_expiring(self) -> int:
+        """``sweep --dry-run``: how many the sweep would expire now."""
+        return await count_due(self.pool, self.today())
 
     def certifications(self) -> CertificationRepository:
         return CertificationRepository(self.pool, clock=self.clock, zone=self.settings.zone)

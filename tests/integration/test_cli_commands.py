@@ -145,6 +145,21 @@ async def test_sweep_expires_exactly_the_due_certifications(pool: Pool, database
     assert await statuses_of(pool, revoked) == ["revoked"]
 
 
+async def test_sweep_dry_run_says_how_many_would_expire_and_changes_nothing(
+    pool: Pool, database_url: str
+) -> None:
+    due = await seed_certifications(pool, 3, valid_until=date(2020, 6, 1))
+    await seed_certifications(pool, 2, valid_until=date(2099, 1, 1))
+    before = await outbox_statuses(pool)
+
+    result = await certsync("sweep", "--dry-run", env=cli_env(database_url))
+
+    assert result.exit_code == 0, result.output
+    assert "Dry run: 3 certifications would expire" in result.stdout
+    assert await statuses_of(pool, due) == ["active"] * 3
+    assert await outbox_statuses(pool) == before
+
+
 # worker -----------------------------------------------------------------------------------------------
 
 

@@ -284,6 +284,28 @@ async def test_queue_replay_all_with_the_circuit_open_says_nothing_was_replayed_
     assert puts(sandbox) == []
 
 
+async def test_queue_replay_dry_run_lists_what_would_be_replayed_and_sends_nothing(
+    pool: Pool, database_url: str, sandbox: SandboxServer
+) -> None:
+    certs = await seed_certifications(pool, 2)
+    pending = [await add_entry(pool, cert) for cert in certs]
+    done = await add_entry(pool, certs[0], status="replayed")
+    env = cli_env(database_url, sandbox.url)
+
+    named = await certsync("queue", "replay", str(pending[0]), str(done), "--dry-run", env=env)
+    everything = await certsync("queue", "replay", "--all", "--dry-run", env=env)
+
+    assert named.exit_code == 0, named.output
+    assert f"would replay #{pending[0]}" in named.stdout
+    assert f"would skip #{done}: already" in named.stdout
+    assert "Dry run: 1 entry would be replayed, 1 skipped; nothing was sent or changed." in named.stdout
+    assert everything.exit_code == 0, everything.output
+    assert "Dry run: 2 entries would be replayed" in everything.stdout
+    assert puts(sandbox) == []
+    queue = RetryQueue(pool)
+    assert [(await queue.get(i)).replay_count for i in pending] == [0, 0]
+
+
 # discard ----------------------------------------------------------------------------------------------
 
 
@@ -302,6 +324,27 @@ async def test_queue_discard_keeps_the_entries_with_the_reason(pool: Pool, datab
             "mentor left HLF",
             "ops-on-call",
         )
+
+
+async def test_queue_discard_dry_run_changes_nothing_and_both_warn_about_the_portal(
+    pool: Pool, database_url: str
+) -> None:
+    [cert] = await seed_certifications(pool, 1)
+    entry_id = await add_entry(pool, cert)
+    env = cli_env(database_url)
+
+    dry = await certsync("queue", "discard", str(entry_id), "--reason", "stale", "--dry-run", env=env)
+    assert (await RetryQueue(pool).get(entry_id)).status == "pending"
+    real = await certsync("queue", "discard", str(entry_id), "--reason", "stale", env=env)
+
+    assert dry.exit_code == 0, dry.output
+    assert f"would discard #{entry_id}" in dry.stdout
+    assert "Dry run: 1 entry would be discarded; nothing was changed." in dry.stdout
+    assert real.exit_code == 0, real.output
+    assert (await RetryQueue(pool).get(entry_id)).status == "discarded"
+    for result in (dry, real):
+        assert "The portal keeps the state it last received" in result.stderr
+        assert "certsync reconcile --repair" in result.stderr
 
 
 async def test_queue_discard_leaves_a_replayed_entry_as_it_is(pool: Pool, database_url: str) -> None:

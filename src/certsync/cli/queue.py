@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from certsync import app as composition
-from certsync.cli._common import cli, fail, load_settings, out, progress_bar, run, sync_off_reason
+from certsync.cli._common import cli, err, fail, load_settings, out, progress_bar, run, sync_off_reason
 from certsync.delivery.queue import (
     QUEUE_STATUSES,
     ReplayResult,
@@ -30,6 +30,7 @@ from certsync.delivery.queue import (
     RetryEntry,
     RetryEntrySummary,
 )
+from certsync.settings import Settings
 
 queue_cli = typer.Typer(
     name="queue",
@@ -56,6 +57,9 @@ ByOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+DryRunOption = Annotated[
+    bool, typer.Option("--dry-run", help="Say what would happen; send nothing and change nothing.")
+]
 
 
 # Input ------------------------------------------------------------------------------------------------
@@ -291,6 +295,7 @@ def replay(
     ] = False,
     status: StatusOption = None,
     by: ByOption = None,
+    dry_run: DryRunOption = False,
 ) -> None:
     """Resend each entry's certification as it is NOW, through the same retry policy and circuit breaker."""
     if entry_ids and replay_all:
@@ -303,6 +308,9 @@ def replay(
     ids = checked_ids(entry_ids or [])
     who = operator(by)
     settings = load_settings()
+    if dry_run:
+        _replay_dry_run(settings, ids, status or "pending" if replay_all else None)
+        return
     if not settings.sync_enabled:
         fail(2, f"{sync_off_reason(settings)}: nothing may be sent, so nothing can be replayed")
 
@@ -342,28 +350,90 @@ def replay(
         raise typer.Exit(1)
 
 
+def _would_replay(entry_id: int, status: str, certification_id: UUID | None) -> None:
+    out.print(f"would replay #{entry_id} ({_status_text(status)}) certification {certification_id or '-'}")
+
+
+def _replay_dry_run(settings: Settings, ids: list[int], status: str | None) -> None:
+    """What ``replay`` would do, sending nothing and changing nothing."""
+
+    async def work() -> tuple[int, int]:
+        async with composition.open_runtime(settings, max_pool_size=1) as rt:
+            service = rt.queue_service()
+            would = skipped = 0
+            if status is not None:
+                async for row in service.entries(status=status):
+                    _would_replay(row.id, row.status, row.certification_id)
+                    would += 1
+                return would, skipped
+            for entry in await service.require(ids):
+                if entry.actionable:
+                    out.print(
+                        f"would replay #{entry.id} ({_status_text(entry.status)}) {entry.certification_id}"
+                    )
+                    would += 1
+                else:
+                    out.print(f"would skip #{entry.id}: already {_status_text(entry.status)}")
+                    skipped += 1
+            return would, skipped
+
+    would, skipped = run(work)
+    noun = "entry" if would == 1 else "entries"
+    out.print(
+        f"Dry run: {would} {noun} would be replayed"
+        + (f", {skipped} skipped" if skipped else "")
+        + "; nothing was sent or changed."
+    )
+
+
+_DISCARD_WARNING = (
+    "The portal keeps the state it last received for these certifications: a discarded entry is never"
+    " sent. `certsync reconcile` finds what differs and `certsync reconcile --repair` corrects it (a"
+    " running worker reconciles by itself every CERTSYNC_RECONCILE_INTERVAL_SECONDS)."
+)
+
+
 @queue_cli.command()
 def discard(
     entry_ids: Annotated[list[str], typer.Argument(metavar="ID...", help="Entries to discard.")],
     reason: Annotated[str, typer.Option("--reason", help="Why: kept on each entry.", show_default=False)],
     by: ByOption = None,
+    dry_run: DryRunOption = False,
 ) -> None:
-    """Mark entries discarded; they are kept, with the reason and who discarded them."""
+    """Mark entries discarded; they are kept, with the reason and who discarded them.
+
+    The portal is not told: it keeps the state it last received until a reconcile corrects it.
+    """
     ids = checked_ids(entry_ids)
     if not reason.strip():
         fail(2, "--reason must say why the entries are discarded")
     who = operator(by)
     settings = load_settings()
 
-    async def work() -> None:
+    async def work() -> int:
         async with composition.open_runtime(settings, max_pool_size=1) as rt:
             service = rt.queue_service()
-            await service.require(ids)  # every id must exist before anything changes
-            for entry_id in ids:
-                result = await service.discard(entry_id, reason=reason.strip(), by=who)
+            entries = await service.require(ids)  # every id must exist before anything changes
+            changed = 0
+            for entry in entries:
+                if dry_run:
+                    if entry.actionable:
+                        out.print(f"would discard #{entry.id} ({_status_text(entry.status)})")
+                        changed += 1
+                    else:
+                        out.print(f"#{entry.id} would be left as it is: already {_status_text(entry.status)}")
+                    continue
+                result = await service.discard(entry.id, reason=reason.strip(), by=who)
                 if result.discarded:
-                    out.print(f"#{entry_id} {_status_text('discarded')}")
+                    out.print(f"#{entry.id} {_status_text('discarded')}")
+                    changed += 1
                 else:
-                    out.print(f"#{entry_id} left as it is: already {_status_text(result.status)}")
+                    out.print(f"#{entry.id} left as it is: already {_status_text(result.status)}")
+            return changed
 
-    run(work)
+    changed = run(work)
+    if dry_run:
+        noun = "entry" if changed == 1 else "entries"
+        out.print(f"Dry run: {changed} {noun} would be discarded; nothing was changed.")
+    if changed:
+        err.print(f"[yellow]warning:[/] {escape(_DISCARD_WARNING)}", highlight=False)

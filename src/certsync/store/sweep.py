@@ -16,6 +16,12 @@ async def expire_due(pool: Pool, today: date) -> int:
     return int(rows[0]["expired"])
 
 
+async def count_due(pool: Pool, today: date) -> int:
+    """How many ``expire_due`` would expire now; changes nothing."""
+    rows = await fetch(pool, "count_due_certifications", {"today": today})
+    return int(rows[0]["due"])
+
+
 async def next_expiry(pool: Pool) -> date | None:
     """The earliest ``valid_until`` of an active certification (it expires the day after)."""
     rows = await fetch(pool, "next_expiry", {})
