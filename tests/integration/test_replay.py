@@ -103,6 +103,8 @@ async def test_replaying_a_pending_entry_after_the_portal_recovers_sends_the_cur
     assert replayed.status == "replayed"
     assert replayed.replay_count == 1
     assert replayed.last_replayed_by == OPERATOR
+    # It no longer reads as failing: the reason says it was delivered, and which failure it recovered from.
+    assert replayed.failure_reason == f"delivered by replay; last failure: {entry.failure_reason}"
     held = sandbox.sandbox.snapshot()["certifications"][str(entry.certification_id)]["certification"]
     assert (held["status"], held["version"]) == ("suspended", 2)
 

@@ -44,9 +44,15 @@ order by created_at desc, id desc
 limit %(limit)s;
 
 -- name: record_replay_outcome
+-- A delivered replay says so in its reason (the failure it recovered from stays in it and in the
+-- history), so a replayed entry no longer reads as failing.
 update public.dynamics_sync_retry_queue
 set status = %(status)s,
-    failure_reason = coalesce(%(failure_reason)s, failure_reason),
+    failure_reason = case
+      when %(status)s = 'replayed' and failure_reason not like 'delivered by replay%%'
+        then 'delivered by replay; last failure: ' || failure_reason
+      else coalesce(%(failure_reason)s, failure_reason)
+    end,
     attempt_count = attempt_count + %(attempts)s,
     replay_count = replay_count + 1,
     last_replayed_at = %(now)s,
