@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import date
@@ -55,7 +55,7 @@ from certsync.store.reconcile import ReconcileStore
 from certsync.store.retention import Retention, RetentionPolicy
 from certsync.store.retry_queue import RetryQueue
 from certsync.store.sweep import count_due, expire_due
-from certsync.worker import Companion, SyncWorker, WorkerOptions, today_in
+from certsync.worker import Companion, SyncWorker, WorkerOptions, WorkerStats, today_in
 
 log = structlog.get_logger(__name__)
 
@@ -370,7 +370,12 @@ class Runtime:
         )
 
     def worker(
-        self, options: WorkerOptions | None = None, *, listen: bool = True, reconcile: bool = False
+        self,
+        options: WorkerOptions | None = None,
+        *,
+        listen: bool = True,
+        reconcile: bool = False,
+        on_progress: Callable[[WorkerStats], None] | None = None,
     ) -> SyncWorker:
         """``reconcile``: run the periodic reconcile beside the deliveries (``certsync worker`` does,
         ``worker --once`` does not)."""
@@ -405,6 +410,7 @@ class Runtime:
             listener=OutboxListener(self.database_url) if listen else None,
             companions=companions,
             options=options,
+            on_progress=on_progress,
             auto_replay=self.auto_replayer() if sending and self.settings.auto_replay else None,
             # Retention runs with the flag off too: it deletes only what is finished.
             retention=self.retention(),

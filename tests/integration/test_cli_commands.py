@@ -5,15 +5,19 @@ Each command runs in a worker thread (``asyncio.to_thread``) because it starts i
 
 from __future__ import annotations
 
+import io
 import json
 from datetime import date
 from uuid import UUID
 
 import pytest
+from rich.console import Console
 
 from certsync.app import breaker_for
+from certsync.cli import _common as cli_common
+from certsync.cli import worker as cli_worker
 from certsync.resilience.clock import SystemClock
-from certsync.sandbox.faults import FaultScript, FaultStep
+from certsync.sandbox.faults import FaultScript, FaultStep, Latency
 from certsync.sandbox.server import SandboxServer
 from certsync.settings import Settings
 from certsync.store.pool import Pool
@@ -233,3 +237,24 @@ async def test_worker_whose_side_task_dies_exits_1_with_one_line_naming_it(
     [failure] = [json.loads(line) for line in logged if "worker_side_task_failed" in line]
     assert failure["task"] == "BrokenAuditRecorder"
     assert failure["level"] == "error"
+
+
+async def test_worker_once_on_a_terminal_shows_its_progress_through_the_backlog(
+    pool: Pool, database_url: str, sandbox: SandboxServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await seed_certifications(pool, 30)
+    # Slow enough (30 × 40 ms, one at a time) for the bar to be drawn before the run ends.
+    sandbox.sandbox.load_faults(FaultScript(latency=Latency(min_ms=40)))
+    # A terminal: Rich draws its (transient) progress bar only on one.
+    screen = io.StringIO()
+    terminal = Console(file=screen, force_terminal=True, color_system=None, width=120)
+    monkeypatch.setattr(cli_common, "out", terminal)
+    monkeypatch.setattr(cli_worker, "out", terminal)
+
+    result = await certsync("worker", "--once", "--concurrency", "1", env=cli_env(database_url, sandbox.url))
+
+    assert result.exit_code == 0, result.output
+    drawn = screen.getvalue()
+    assert "delivering" in drawn
+    assert "30/30" in drawn.replace(" ", "")
+    assert "delivered: 30" in drawn

@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
 import typer
 
 from certsync import app as composition
-from certsync.cli._common import cli, fail, load_settings, out, run, sync_off_reason
+from certsync.cli._common import cli, fail, load_settings, out, progress_bar, run, sync_off_reason
 from certsync.delivery.status import OutboxDepth
 from certsync.metrics import start_worker_metrics
 from certsync.worker import WorkerOptions, WorkerStats
@@ -100,26 +100,20 @@ def worker(
     async def work() -> None:
         async with composition.open_runtime(settings, max_pool_size=concurrency + 4) as rt:
             outbox = rt.outbox()
-            sync_worker = rt.worker(options, reconcile=not once)
-            if not settings.sync_enabled:
-                depth = await outbox.depth()
-                out.print(
-                    f"Dynamics sync is off ({sync_off_reason(settings)}): nothing is sent;"
-                    f" {_waiting(depth)} in the outbox until it is turned on."
+            with progress_bar() as progress:
+                backlog = await outbox.depth() if once and settings.sync_enabled and out.is_terminal else None
+                task = (
+                    progress.add_task("delivering", total=backlog.waiting + backlog.in_flight)
+                    if backlog is not None
+                    else None
                 )
-            elif not once:
-                out.print(
-                    f"Delivering to {settings.dynamics_base_url} (concurrency {concurrency}); Ctrl+C stops."
-                )
-            stop = asyncio.Event()
-            metrics = start_worker_metrics(metrics_port, rt, sync_worker) if metrics_port else None
-            try:
-                with stop_on_signals(stop):
-                    stats = await sync_worker.run(stop, once=once)
-            finally:
-                if metrics is not None:
-                    metrics.stop()
-            if not settings.sync_enabled:
+
+                def on_progress(stats: WorkerStats) -> None:
+                    if task is not None:
+                        progress.update(task, completed=_settled(stats))
+
+                stats = await _run_worker(rt, options, once=once, on_progress=on_progress)
+            if stats is None:
                 return
             _print_summary(stats)
             breaker = await rt.breaker.status()
@@ -132,4 +126,45 @@ def worker(
                     " outbox for it to close; run the worker again, or see `certsync breaker status`."
                 )
 
+    async def _run_worker(
+        rt: composition.Runtime,
+        options: WorkerOptions,
+        *,
+        once: bool,
+        on_progress: Callable[[WorkerStats], None],
+    ) -> WorkerStats | None:
+        """Run the worker; its stats, or None with the flag off (nothing was sent)."""
+        outbox = rt.outbox()
+        sync_worker = rt.worker(options, reconcile=not once, on_progress=on_progress)
+        if not settings.sync_enabled:
+            depth = await outbox.depth()
+            out.print(
+                f"Dynamics sync is off ({sync_off_reason(settings)}): nothing is sent;"
+                f" {_waiting(depth)} in the outbox until it is turned on."
+            )
+        elif not once:
+            out.print(
+                f"Delivering to {settings.dynamics_base_url} (concurrency {concurrency}); Ctrl+C stops."
+            )
+        stop = asyncio.Event()
+        metrics = start_worker_metrics(metrics_port, rt, sync_worker) if metrics_port else None
+        try:
+            with stop_on_signals(stop):
+                stats = await sync_worker.run(stop, once=once)
+        finally:
+            if metrics is not None:
+                metrics.stop()
+        return stats if settings.sync_enabled else None
+
     run(work)
+
+
+def _settled(stats: WorkerStats) -> int:
+    """Events the run has finished with, one way or another (the progress of ``--once``)."""
+    return (
+        stats.delivered
+        + stats.queued_pending
+        + stats.queued_investigation
+        + stats.superseded
+        + stats.out_of_scope
+    )
