@@ -5,6 +5,7 @@ and discards — so ``certsync history``, its API route and the console's page a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 from uuid import UUID
 
 from certsync.app import Runtime
@@ -80,7 +81,7 @@ async def plant_every_state(pool: Pool, runtime: Runtime, sandbox: SandboxServer
         cur = await conn.execute("select peer_mentor_id from public.certifications where id = %s", (waiting,))
         row = await cur.fetchone()
         assert row is not None
-        mentor: UUID = row["peer_mentor_id"]
+        mentor = cast(UUID, row["peer_mentor_id"])
         await conn.execute(
             "update public.certification_sync_events set available_at = now() + interval '1 hour'"
             " where certification_id = %s",

@@ -301,7 +301,7 @@ def _change(event: EventRow, gone: bool, entry: QueueEntryRow | None) -> Change:
     attempts = [
         Attempt(
             kind="delivery",
-            at=str(a.get("at")),
+            at=_moment(a.get("at")),
             outcome=str(a.get("outcome", "failed")),
             status=a.get("status"),
             reason=a.get("reason"),
@@ -326,7 +326,7 @@ def _change(event: EventRow, gone: bool, entry: QueueEntryRow | None) -> Change:
         attempts.extend(
             Attempt(
                 kind="replay",
-                at=str(h.get("at")),
+                at=_moment(h.get("at")),
                 outcome=str(h.get("status")),
                 reason=h.get("reason"),
                 by=h.get("replayed_by"),
@@ -350,6 +350,14 @@ def _change(event: EventRow, gone: bool, entry: QueueEntryRow | None) -> Change:
         detail=event.detail,
         attempts=tuple(attempts),
     )
+
+
+def _moment(value: object) -> datetime | str:
+    """A recorded time (an ISO string in jsonb) as a datetime; kept as text if it is not one."""
+    try:
+        return datetime.fromisoformat(str(value))
+    except ValueError:
+        return str(value)
 
 
 def _entry(row: QueueEntryRow) -> QueueEntryHistory:
