@@ -18,6 +18,7 @@ from certsync.store.pool import Pool
 from tests.support.cli import assert_one_line_error, certsync, cli_env
 from tests.support.console import BASE, BEARER, console_settings
 from tests.support.history import OPERATOR, Planted, plant_every_state
+from tests.support.seed import seed_certifications
 
 pytestmark = pytest.mark.integration
 
@@ -183,3 +184,44 @@ async def test_the_api_route_gives_the_same_history(
             "database_version": 1,
         }
     ]
+
+
+async def test_a_claim_handed_back_keeps_its_calls_and_a_lost_claim_writes_none(
+    database_url: str, pool: Pool, runtime: Runtime
+) -> None:
+    [certification] = await seed_certifications(pool, 1)
+    outbox = runtime.outbox()
+    now = runtime.clock.now()
+    [first] = (await outbox.claim(now, limit=1, lease_seconds=60)).events
+    failed = {"claim": 1, "attempt": 1, "at": now.isoformat(), "outcome": "transient", "status": 503}
+    assert await outbox.release(first, available_at=now, detail="circuit open", attempt_log=[failed])
+    [second] = (await outbox.claim(now, limit=1, lease_seconds=60)).events
+    # The first claim's token is spent: its late close neither closes the event nor adds to its calls.
+    late = {**failed, "claim": 1, "attempt": 2}
+    assert not await outbox.mark_delivered(first, now, attempt_log=[late])
+    assert await outbox.mark_delivered(second, now)
+
+    document = await history_json(database_url, str(certification))
+    [change] = document["changes"]
+    # A claim handed back does not count (release_claim), so the next claim is number 1 again and its
+    # call follows the handed-back claim's: the second call made for it.
+    assert (change["state"], change["claims"]) == ("delivered", 1)
+    assert [(a["claim"], a["attempt"], a["outcome"], a["status"]) for a in change["attempts"]] == [
+        (1, 1, "transient", 503),
+        (1, 2, "delivered", None),
+    ]
+
+
+async def test_the_api_repairs_as_the_operator(planted: Planted, api: httpx.AsyncClient) -> None:
+    assert (await api.post("/api/reconcile/repair")).status_code == 401
+    response = await api.post("/api/reconcile/repair", headers=BEARER)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["counts"]["missing"], body["repaired"]) == (1, 1)
+    history = (await api.get(f"/api/history/{planted.refused}", headers=BEARER)).json()
+    assert [(c["operation_type"], c["state"]) for c in history["changes"]][-1] == (
+        "certification.repaired",
+        "waiting",
+    )
+    last = (await api.get("/api/reconcile", headers=BEARER)).json()
+    assert last["run_id"] == body["run_id"]
