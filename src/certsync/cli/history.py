@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import datetime
 from typing import Annotated
 from uuid import UUID
 
@@ -119,7 +120,7 @@ def _tree(one: CertificationHistory) -> Tree:
             for item in entry.history:
                 who = item.get("replayed_by") or item.get("by") or "worker"
                 status, reason = escape(str(item.get("status"))), escape(str(item.get("reason") or ""))
-                node.add(f"{item.get('at')} {status} — {reason} ({escape(str(who))})")
+                node.add(f"{_when(item.get('at'))} {status} — {reason} ({escape(str(who))})")
     return tree
 
 
@@ -132,8 +133,18 @@ def _change_line(change: Change) -> str:
     )
 
 
+def _when(moment: object) -> str:
+    """A recorded time to the millisecond (a jsonb ISO string or a datetime); as given if neither."""
+    if not isinstance(moment, datetime):
+        try:
+            moment = datetime.fromisoformat(str(moment))
+        except ValueError:
+            return str(moment)
+    return f"{moment:%Y-%m-%d %H:%M:%S}.{moment.microsecond // 1000:03d} {moment:%Z}"
+
+
 def _attempt_line(attempt: Attempt) -> str:
-    at = attempt.at if isinstance(attempt.at, str) else attempt.at.isoformat()
+    at = _when(attempt.at)
     if attempt.kind == "replay":
         head = f"replay by {escape(attempt.by or '?')}"
     elif attempt.attempt is not None:
