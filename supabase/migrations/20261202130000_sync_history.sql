@@ -8,9 +8,11 @@
 -- Everything else the history shows (status, superseded_by, the queue entry, the last reconcile's
 -- verdict) was recorded already. docs/architecture.md ("A certification's history") says more.
 
+-- A constant default and no check constraint: adding the column is a catalogue change, with no
+-- rewrite or scan of a large outbox under its lock. Only the three closes write it, always appending
+-- an array (store/outbox.py).
 alter table public.certification_sync_events
-  add column attempt_log jsonb not null default '[]'::jsonb
-    check (jsonb_typeof(attempt_log) = 'array');
+  add column attempt_log jsonb not null default '[]'::jsonb;
 
 comment on column public.certification_sync_events.attempt_log is
   'failed portal calls of this event, oldest first: {claim, attempt, at, outcome, status, reason}';
