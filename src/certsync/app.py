@@ -22,6 +22,7 @@ import structlog
 
 from certsync.delivery.auto_replay import AutoReplayer
 from certsync.delivery.backfill import BackfillService
+from certsync.delivery.history import HistoryService
 from certsync.delivery.queue import QueueService
 from certsync.delivery.reconcile import PeriodicReconcile, Reconciler
 from certsync.delivery.replay import ReplayService
@@ -48,6 +49,7 @@ from certsync.store.certifications import CertificationRepository
 from certsync.store.console_queries import ConsoleQueries
 from certsync.store.console_sessions import ConsoleSessions as ConsoleSessions  # noqa: PLC0414  (re-exported: the console reaches the store through app)
 from certsync.store.embedded import embedded_database_url
+from certsync.store.history import HistoryStore
 from certsync.store.migrations import MigrationReport, migrate
 from certsync.store.outbox import Outbox, OutboxListener
 from certsync.store.pool import Pool, open_pool
@@ -347,6 +349,10 @@ class Runtime:
     def backfill(self) -> BackfillService:
         """``certsync backfill``: queue the current state of chosen certifications, in keyset batches."""
         return BackfillService(self.pool)
+
+    def history(self) -> HistoryService:
+        """``certsync history`` and the console's History page: one certification's sync history."""
+        return HistoryService(HistoryStore(self.pool), ReconcileStore(self.pool))
 
     def reconciler(self) -> Reconciler:
         """``certsync reconcile`` and the worker's periodic reconcile: the portal's listing against the

@@ -391,10 +391,16 @@ class SyncWorker:
                 await self._not_this_portals(event)
                 return
             outcome = await self._sync.deliver(
-                request, operation_type=event.operation_type, sink=sink, when_open="hold"
+                request,
+                operation_type=event.operation_type,
+                sink=sink,
+                when_open="hold",
+                attempts=sink.attempts,
             )
             if outcome.outcome is Outcome.DELIVERED:
-                if await self._outbox.mark_delivered(event, self._clock.now()):
+                if await self._outbox.mark_delivered(
+                    event, self._clock.now(), attempt_log=sink.attempts.entries
+                ):
                     self.stats.delivered += 1
                 else:
                     self._stale(event)
@@ -404,7 +410,12 @@ class SyncWorker:
             # Shutting down mid-delivery: hand the event back now rather than wait for the lease.
             with contextlib.suppress(Exception):
                 await asyncio.shield(
-                    self._outbox.release(event, available_at=self._clock.now(), detail="worker stopped")
+                    self._outbox.release(
+                        event,
+                        available_at=self._clock.now(),
+                        detail="worker stopped",
+                        attempt_log=sink.attempts.entries,
+                    )
                 )
             raise
         except Exception:
@@ -420,7 +431,10 @@ class SyncWorker:
             self.stats.held += 1
             open_until = await self._sync.breaker.open_until()
             await self._outbox.release(
-                event, available_at=open_until or self._clock.now(), detail="circuit open"
+                event,
+                available_at=open_until or self._clock.now(),
+                detail="circuit open",
+                attempt_log=sink.attempts.entries,
             )
         elif sink.lost_claim:
             self._stale(event)

@@ -42,8 +42,9 @@ FORMS = {
     "/queue/1/discard": {"reason": "cross-site"},
     "/queue/selection/replay": {"status": "pending"},
     "/queue/selection/discard": {"status": "pending", "reason": "cross-site"},
+    "/reconcile/repair": {},
 }
-PAGES = ["/", "/queue", "/queue/1", "/queue/selection"]
+PAGES = ["/", "/queue", "/queue/1", "/queue/selection", "/history", "/reconcile", "/reconcile/repair"]
 
 
 @dataclass
@@ -122,7 +123,12 @@ def _wait_until_serving(url: str, process: subprocess.Popen[bytes]) -> None:
 def api_operations(console: RunningConsole) -> list[tuple[str, str]]:
     spec = httpx.get(f"{console.url}/api/openapi.json").json()
     return [
-        (method.upper(), path.replace("{entry_id}", "1"))
+        (
+            method.upper(),
+            path.replace("{entry_id}", "1").replace(
+                "{certification_id}", "00000000-0000-4000-8000-000000000001"
+            ),
+        )
         for path, methods in spec["paths"].items()
         for method in methods
     ]

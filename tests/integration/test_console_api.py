@@ -74,6 +74,7 @@ async def signed_in_csrf(client: httpx.AsyncClient) -> str:
 
 # --- access --------------------------------------------------------------------------------------
 
+SOME_ID = "00000000-0000-4000-8000-000000000001"
 API_CALLS = [
     ("GET", "/api/overview", None),
     ("GET", "/api/queue", None),
@@ -85,6 +86,10 @@ API_CALLS = [
     ("POST", "/api/queue/1/discard", {"reason": "x"}),
     ("GET", "/api/breaker", None),
     ("POST", "/api/breaker/reset", None),
+    ("GET", f"/api/history/{SOME_ID}", None),
+    ("GET", f"/api/history?mentor_id={SOME_ID}", None),
+    ("GET", "/api/reconcile", None),
+    ("POST", "/api/reconcile/repair", None),
 ]
 
 
@@ -104,7 +109,18 @@ async def test_a_session_cookie_does_not_open_the_api(client: httpx.AsyncClient)
     assert (await client.get("/api/overview")).status_code == 401
 
 
-@pytest.mark.parametrize("path", ["/", "/queue", "/queue/1", "/queue/selection?action=replay"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/",
+        "/queue",
+        "/queue/1",
+        "/queue/selection?action=replay",
+        "/history",
+        "/reconcile",
+        "/reconcile/repair",
+    ],
+)
 async def test_pages_send_a_visitor_without_a_session_to_sign_in(
     client: httpx.AsyncClient, path: str
 ) -> None:
@@ -114,7 +130,7 @@ async def test_pages_send_a_visitor_without_a_session_to_sign_in(
 
 
 FORMS = ["/queue/1/replay", "/queue/1/discard", "/queue/selection/replay", "/queue/selection/discard"]
-FORMS += ["/breaker/reset", "/logout", "/sessions/revoke"]
+FORMS += ["/breaker/reset", "/logout", "/sessions/revoke", "/reconcile/repair"]
 
 
 @pytest.mark.parametrize("path", FORMS)
@@ -770,7 +786,10 @@ async def test_replay_without_a_configured_portal_is_503_not_500(
 async def test_the_openapi_document_describes_every_endpoint_with_bearer_auth(api: httpx.AsyncClient) -> None:
     document = (await api.get("/api/openapi.json")).json()
     described = {(method.upper(), path) for path, ops in document["paths"].items() for method in ops}
-    expected = {(m, re.sub(r"/1(?=/|$)", "/{entry_id}", p)) for m, p, _ in API_CALLS}
+    expected = {
+        (m, re.sub(r"/1(?=/|$)", "/{entry_id}", p.split("?")[0].replace(SOME_ID, "{certification_id}")))
+        for m, p, _ in API_CALLS
+    }
     assert described == expected
     assert document["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
 

@@ -13,6 +13,7 @@ from certsync.cli import (  # noqa: F401
     console,
     contract,
     demo,
+    history,
     migrate,
     queue,
     reconcile,

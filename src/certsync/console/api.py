@@ -268,3 +268,40 @@ async def reset_breaker(service: Service, by: Operator) -> BreakerReset:
     transition = await service.reset_breaker(by=by)
     status = await service.status()
     return BreakerReset(changed=transition is not None, breaker=Breaker.of(status.breaker))
+
+
+CertificationId = Annotated[UUID, Path(description="the certification's id")]
+
+
+@router.get(
+    "/history/{certification_id}",
+    responses={404: {"description": "no such certification and no captured change for it"}},
+)
+async def certification_history(service: Service, certification_id: CertificationId) -> dict[str, Any]:
+    """One certification's sync history: the same object as `certsync history ID --json`."""
+    return (await service.history(certification_id)).to_json_dict()
+
+
+@router.get("/history", responses={404: {"description": "no certification of that peer mentor"}})
+async def mentor_history(
+    service: Service, mentor_id: Annotated[UUID, Query(description="a peer mentor's id")]
+) -> dict[str, Any]:
+    """The histories of a peer mentor's certifications (`certsync history --mentor ID --json`)."""
+    histories = await service.mentor_history(mentor_id)
+    return {"peer_mentor_id": str(mentor_id), "certifications": [h.to_json_dict() for h in histories]}
+
+
+@router.get("/reconcile")
+async def last_reconcile(
+    service: Service, limit: Annotated[int, Query(ge=1, le=10_000)] = 500
+) -> dict[str, Any] | None:
+    """The last finished reconcile: its counts and (at most `limit`) mismatches; null before any."""
+    last = await service.last_reconcile(limit=limit)
+    return last.to_json_dict() if last is not None else None
+
+
+@router.post("/reconcile/repair")
+async def repair(service: Service, by: Operator) -> dict[str, Any]:
+    """Reconcile now and queue a correction for every mismatch (`certsync reconcile --repair --json`)."""
+    report = await service.repair(by=by)
+    return {**report.to_json_dict(), "run_id": str(report.run_id), "repaired": report.repaired}

@@ -10,6 +10,7 @@ import json
 from datetime import UTC, datetime
 from typing import Annotated, Any
 from urllib.parse import urlencode
+from uuid import UUID
 
 import structlog
 from fastapi import APIRouter, Depends, Path, Request
@@ -28,8 +29,10 @@ from certsync.console.context import (
     validation_message,
 )
 from certsync.console.service import MAX_SELECTION, QueueFilterParams, Reason
+from certsync.delivery.history import STATES, CertificationHistory
 from certsync.delivery.queue import QUEUE_STATUSES
-from certsync.errors import BadInput
+from certsync.delivery.reconcile import KINDS
+from certsync.errors import BadInput, NotFound
 
 log = structlog.get_logger(__name__)
 
@@ -201,8 +204,17 @@ async def revoke_sessions(request: Request) -> Response:
 @router.get("/")
 async def overview(request: Request) -> Response:
     session = signed_in(request)
-    status = await context_of(request).service().status()
-    return render(request, "overview.html", session, status=status, statuses=QUEUE_STATUSES)
+    service = context_of(request).service()
+    status = await service.status()
+    return render(
+        request,
+        "overview.html",
+        session,
+        status=status,
+        statuses=QUEUE_STATUSES,
+        reconcile=await service.last_reconcile(limit=1),
+        kinds=[str(k) for k in KINDS],
+    )
 
 
 @router.get("/queue")
@@ -333,3 +345,57 @@ async def reset_breaker(request: Request) -> Response:
     transition = await context_of(request).service().reset_breaker(by=operator)
     notice = "breaker-reset" if transition is not None else "breaker-closed"
     return RedirectResponse(f"/?notice={notice}", status_code=303)
+
+
+@router.get("/history")
+async def history(request: Request, id: str = "", of: str = "certification") -> Response:
+    """Search by certification id or peer mentor id; the results below the form."""
+    session = signed_in(request)
+    if of not in ("certification", "mentor"):
+        raise BadInput("of: 'certification' or 'mentor'")
+    wanted = id.strip()
+    histories: list[CertificationHistory] = []
+    error: str | None = None
+    status_code = 200
+    if wanted:
+        try:
+            key = UUID(wanted)
+        except ValueError:
+            error, status_code = f"{wanted!r} is not an id (a UUID).", 422
+        else:
+            service = context_of(request).service()
+            try:
+                if of == "certification":
+                    histories = [await service.history(key)]
+                else:
+                    histories = await service.mentor_history(key)
+            except NotFound as exc:
+                error, status_code = f"{exc}.", 404
+    response = render(
+        request, "history.html", session, id=wanted, of=of, histories=histories, error=error, states=STATES
+    )
+    response.status_code = status_code
+    return response
+
+
+@router.get("/reconcile")
+async def reconcile(request: Request) -> Response:
+    session = signed_in(request)
+    last = await context_of(request).service().last_reconcile(limit=1000)
+    return render(request, "reconcile.html", session, last=last, kinds=[str(k) for k in KINDS])
+
+
+@router.get("/reconcile/repair")
+async def confirm_repair(request: Request) -> Response:
+    session = signed_in(request)
+    last = await context_of(request).service().last_reconcile(limit=1)
+    return render(request, "reconcile_confirm.html", session, last=last, kinds=[str(k) for k in KINDS])
+
+
+@router.post("/reconcile/repair")
+async def repair(request: Request) -> Response:
+    operator, _ = await posted_form(request)
+    report = await context_of(request).service().repair(by=operator)
+    return render(
+        request, "reconcile_done.html", signed_in(request), report=report, kinds=[str(k) for k in KINDS]
+    )

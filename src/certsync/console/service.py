@@ -19,6 +19,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from certsync.app import Runtime
+from certsync.delivery.history import CertificationHistory, LastReconcile
 from certsync.delivery.queue import (
     QueueCursor,
     QueueFilters,
@@ -27,6 +28,7 @@ from certsync.delivery.queue import (
     RetryEntry,
     RetryEntrySummary,
 )
+from certsync.delivery.reconcile import ReconcileReport
 from certsync.delivery.status import SystemStatus, Transition
 from certsync.errors import BadInput
 
@@ -178,6 +180,28 @@ class ConsoleService:
         transition = await self._runtime.breaker.reset()
         log.info("console_breaker_reset", changed=transition is not None, operator=by)
         return transition
+
+    async def history(self, certification_id: UUID) -> CertificationHistory:
+        """One certification's sync history; ``NotFound`` (404) when nothing was ever captured for it."""
+        return await self._runtime.history().certification(certification_id)
+
+    async def mentor_history(self, peer_mentor_id: UUID) -> list[CertificationHistory]:
+        return await self._runtime.history().mentor(peer_mentor_id)
+
+    async def last_reconcile(self, *, limit: int = 500) -> LastReconcile | None:
+        """The last finished reconcile's verdict and (up to ``limit``) its mismatches; None before any."""
+        return await self._runtime.history().last_reconcile(limit=limit)
+
+    async def repair(self, *, by: str) -> ReconcileReport:
+        """A reconcile with repair, as ``certsync reconcile --repair``: recorded, started by the operator."""
+        report = await self._runtime.reconciler().reconcile(repair=True, started_by=f"console {by}")
+        log.info(
+            "console_reconcile_repair",
+            operator=by,
+            mismatches=len(report.mismatches),
+            repaired=report.repaired,
+        )
+        return report
 
     async def _selection_ids(self, filters: QueueFilters) -> list[int]:
         """The ids first, then the actions: acting changes status, which must not move the pages."""

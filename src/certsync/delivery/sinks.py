@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from uuid import UUID
 
+from certsync.delivery.attempts import AttemptLog
 from certsync.delivery.sync_service import DeliveryFailure
 from certsync.resilience.clock import Clock
 from certsync.store.outbox import ClaimedEvent, Outbox
@@ -40,10 +41,15 @@ class OutboxFailureSink:
         self._event = event
         self._clock = clock
         self.lost_claim = False
+        # The claim's failed calls, kept with whichever close ends it (history).
+        self.attempts = AttemptLog(claim=event.attempts)
 
     async def record(self, failure: DeliveryFailure) -> None:
         entry = retry_entry_for(failure, self._event.id)
-        if await self._outbox.mark_queued(self._event, self._clock.now(), entry) is None:
+        queued = await self._outbox.mark_queued(
+            self._event, self._clock.now(), entry, attempt_log=self.attempts.entries
+        )
+        if queued is None:
             # Our claim was rescued by another worker while we were retrying: theirs decides.
             self.lost_claim = True
 

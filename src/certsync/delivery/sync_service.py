@@ -28,6 +28,7 @@ from uuid import UUID
 
 import structlog
 
+from certsync.delivery.attempts import AttemptLog
 from certsync.delivery.requests import PortalRequest
 from certsync.dynamics.contract import CertificationUpsert
 from certsync.dynamics.errors import (
@@ -88,6 +89,7 @@ class _Operation:
     operation_type: str
     sink: FailureSink
     when_open: Literal["hold", "queue"]
+    attempts: AttemptLog | None = None
 
     def log_fields(self) -> dict[str, object]:
         """What every log line about this delivery carries, built only when there is a line to write."""
@@ -168,16 +170,18 @@ class HLFDynamicsSyncService:
         operation_type: str,
         sink: FailureSink | None = None,
         when_open: Literal["hold", "queue"] = "queue",
+        attempts: AttemptLog | None = None,
     ) -> DeliveryOutcome:
         """Send one upsert or delete through the retry loop and breaker; record it in ``sink`` if it fails.
 
         ``when_open="hold"`` (the worker): if the circuit is open before the first call, return HELD so
-        the event waits in the outbox. ``"queue"``: record it as pending instead.
+        the event waits in the outbox. ``"queue"``: record it as pending instead. ``attempts``: where
+        each failed call is noted for the certification's history (the worker's outbox close keeps it).
 
         A success is not logged here: the client's ``dynamics_request`` line records the exchange (and
         ``certsync.metrics`` counts deliveries from it). Every failed attempt, retry and refusal is.
         """
-        operation = _Operation(request, operation_type, sink or self._failures, when_open)
+        operation = _Operation(request, operation_type, sink or self._failures, when_open, attempts)
         result = await self._retries.run(partial(self._attempt, operation), context=operation.log_fields)
         if isinstance(result, GaveUp):
             return await self._record(operation, result.reason, result.attempts)
@@ -414,6 +418,8 @@ class HLFDynamicsSyncService:
     ) -> None:
         duration_ms = round((self._clock.now() - started).total_seconds() * 1000, 1)
         self._instrumentation.emit(AttemptFailed(type(error).__name__))
+        if operation.attempts is not None:
+            operation.attempts.failed(attempt, self._clock.now(), error)
         log.warning(
             "dynamics_attempt",
             attempt=attempt,

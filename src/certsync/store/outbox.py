@@ -7,7 +7,7 @@ rescued and claimed again) cannot overwrite the newer claim's result.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -15,6 +15,7 @@ from uuid import UUID
 
 import psycopg
 import structlog
+from psycopg.types.json import Jsonb
 
 from certsync.store.current_state import GONE, CurrentState
 from certsync.store.db import fetch, transaction
@@ -106,12 +107,26 @@ class Outbox:
         superseded = int(rows[0]["superseded_count"]) if rows else 0
         return Claim(events=events, superseded=superseded)
 
-    async def mark_delivered(self, event: ClaimedEvent, now: datetime, detail: str | None = None) -> bool:
-        """Close as delivered; False when the claim was lost (fenced: a newer claim owns the event)."""
+    async def mark_delivered(
+        self,
+        event: ClaimedEvent,
+        now: datetime,
+        detail: str | None = None,
+        *,
+        attempt_log: Sequence[Mapping[str, Any]] = (),
+    ) -> bool:
+        """Close as delivered; False when the claim was lost (fenced: a newer claim owns the event).
+        ``attempt_log``: the claim's failed calls before the success, appended in the same statement."""
         rows = await fetch(
             self._pool,
             "mark_delivered",
-            {"id": event.id, "claim_token": event.claim_token, "now": now, "detail": detail},
+            {
+                "id": event.id,
+                "claim_token": event.claim_token,
+                "now": now,
+                "detail": detail,
+                "attempt_log": _log(attempt_log),
+            },
         )
         return bool(rows)
 
@@ -134,7 +149,14 @@ class Outbox:
         )
         return {r["id"] for r in rows}
 
-    async def mark_queued(self, event: ClaimedEvent, now: datetime, entry: NewRetryEntry) -> int | None:
+    async def mark_queued(
+        self,
+        event: ClaimedEvent,
+        now: datetime,
+        entry: NewRetryEntry,
+        *,
+        attempt_log: Sequence[Mapping[str, Any]] = (),
+    ) -> int | None:
         """Close the event and write its retry-queue row in ONE transaction, so it is always in exactly
         one place. Returns the queue entry id, or None when the claim was lost (nothing written)."""
         async with transaction(self._pool, "queueing an event") as conn:
@@ -145,6 +167,7 @@ class Outbox:
                     "claim_token": event.claim_token,
                     "now": now,
                     "detail": entry.failure_reason,
+                    "attempt_log": _log(attempt_log),
                 },
             )
             if await cur.fetchone() is None:
@@ -152,7 +175,12 @@ class Outbox:
             return await insert_entry(conn, entry, now)
 
     async def release(
-        self, event: ClaimedEvent, *, available_at: datetime, detail: str | None = None
+        self,
+        event: ClaimedEvent,
+        *,
+        available_at: datetime,
+        detail: str | None = None,
+        attempt_log: Sequence[Mapping[str, Any]] = (),
     ) -> bool:
         rows = await fetch(
             self._pool,
@@ -162,6 +190,7 @@ class Outbox:
                 "claim_token": event.claim_token,
                 "available_at": available_at,
                 "detail": detail,
+                "attempt_log": _log(attempt_log),
             },
         )
         return bool(rows)
@@ -191,6 +220,11 @@ class Outbox:
             oldest_open_at=r["oldest_open_at"],
             next_due_at=r["next_due_at"],
         )
+
+
+def _log(attempt_log: Sequence[Mapping[str, Any]]) -> Jsonb:
+    """A claim's failed calls as the jsonb array the close appends to ``attempt_log`` (history)."""
+    return Jsonb([dict(entry) for entry in attempt_log])
 
 
 class OutboxListener:

@@ -228,3 +228,11 @@ class ReconcileStore:
             in_transit=int(row["in_transit"]),
             repaired=int(row["repaired"]),
         )
+
+    async def run_mismatches(self, run_id: UUID, *, limit: int) -> list[MismatchRecord]:
+        """One run's recorded mismatches, at most ``limit`` (the console's Reconcile page)."""
+        rows = await fetch(self._pool, "reconcile_run_mismatches", {"run_id": run_id, "limit": limit})
+        return [
+            MismatchRecord(r["certification_id"], r["kind"], r["portal_version"], r["database_version"])
+            for r in rows
+        ]

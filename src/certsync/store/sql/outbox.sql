@@ -94,8 +94,10 @@ left join public.certifications c on c.id = k.certification_id
 order by k.occurred_at, k.id;
 
 -- name: mark_delivered
+-- %(attempt_log)s: this claim's failed calls before the one that succeeded (history), in this statement.
 update public.certification_sync_events
-set status = 'delivered', closed_at = %(now)s, claim_token = null, lease_until = null, detail = %(detail)s
+set status = 'delivered', closed_at = %(now)s, claim_token = null, lease_until = null, detail = %(detail)s,
+    attempt_log = attempt_log || %(attempt_log)s::jsonb
 where id = %(id)s and claim_token = %(claim_token)s and status = 'in_flight'
 returning id;
 
@@ -110,7 +112,8 @@ returning e.id;
 
 -- name: mark_queued
 update public.certification_sync_events
-set status = 'queued', closed_at = %(now)s, claim_token = null, lease_until = null, detail = %(detail)s
+set status = 'queued', closed_at = %(now)s, claim_token = null, lease_until = null, detail = %(detail)s,
+    attempt_log = attempt_log || %(attempt_log)s::jsonb
 where id = %(id)s and claim_token = %(claim_token)s and status = 'in_flight'
 returning id;
 
@@ -119,7 +122,8 @@ returning id;
 -- %(available_at)s, and the attempt it was claimed for does not count.
 update public.certification_sync_events
 set status = 'waiting', claim_token = null, claimed_by = null, lease_until = null,
-    available_at = %(available_at)s, attempts = greatest(attempts - 1, 0), detail = %(detail)s
+    available_at = %(available_at)s, attempts = greatest(attempts - 1, 0), detail = %(detail)s,
+    attempt_log = attempt_log || %(attempt_log)s::jsonb
 where id = %(id)s and claim_token = %(claim_token)s and status = 'in_flight'
 returning id;
 

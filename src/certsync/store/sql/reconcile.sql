@@ -91,3 +91,11 @@ from public.reconcile_runs
 where finished_at is not null and outcome <> 'failed'
 order by finished_at desc
 limit 1;
+
+-- name: reconcile_run_mismatches
+-- One run's mismatches (at most %(limit)s), for the console's Reconcile page.
+select certification_id, kind, portal_version, database_version
+from public.reconcile_mismatches
+where run_id = %(run_id)s
+order by kind, certification_id
+limit %(limit)s;
