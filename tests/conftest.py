@@ -47,14 +47,20 @@ else:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist (``make test`` runs ``-n 2 --dist loadgroup``): the tests of the fault suite's
     own PostgreSQL (``private_server``) share one worker, so only one such server is started; and the
-    ``slow`` tests are handed out first, so that no long test starts last and runs alone at the end.
-    A run without xdist keeps the collection order."""
+    ``slow`` tests are handed out first, so that no long test starts last and runs alone at the end:
+    those marked ``slow`` one by one (a single long test, such as the 10k-entry replay) before those of
+    modules marked ``slow`` as a whole (suites of shorter ones). A run without xdist keeps the
+    collection order."""
     if not hasattr(config, "workerinput"):
         return
     for item in items:
         if "private_server" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("private_server"))
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: slow ones first
+    def order(item: pytest.Item) -> tuple[bool, bool]:
+        slow_alone = any(mark.name == "slow" for mark in item.own_markers)
+        return (item.get_closest_marker("slow") is None, not slow_alone)
+
+    items.sort(key=order)  # stable: within each rank, the collection order
 
 
 @pytest.fixture(autouse=True)
