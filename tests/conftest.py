@@ -56,6 +56,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "private_server" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("private_server"))
+
     def order(item: pytest.Item) -> tuple[bool, bool]:
         slow_alone = any(mark.name == "slow" for mark in item.own_markers)
         return (item.get_closest_marker("slow") is None, not slow_alone)
