@@ -26,9 +26,13 @@ demo: sync
 GATED := src/certsync/resilience/breaker.py,src/certsync/resilience/retry.py,src/certsync/resilience/gate.py,src/certsync/delivery/sync_service.py
 GATE := 95
 
+# Two pytest-xdist workers (CI has two cores): each gets its own migrated template database; the fault
+# suite's private PostgreSQL is grouped onto one of them, slow tests go first (tests/conftest.py).
+PYTEST_WORKERS ?= 2
+
 ## The whole test suite (what CI runs), with lint and type checks first, then the coverage gate.
 test: sync lint typecheck
-	$(BIN)/pytest --cov=certsync --cov-branch --cov-report=
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup --cov=certsync --cov-branch --cov-report=
 	$(BIN)/coverage report --include='$(GATED)' --fail-under=$(GATE) --show-missing
 
 lint: sync

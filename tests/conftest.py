@@ -3,7 +3,9 @@ sandbox portal on a free loopback port."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -23,6 +25,43 @@ from tests.support.databases import (
 # The RLS fixtures (superuser, api, hierarchy, world) for every module that needs them; a module's own
 # fixture of the same name (the console tests' `api`) still takes precedence.
 pytest_plugins = ["tests.support.rls", "tests.support.entra"]
+
+
+# An xdist worker starts with ``COLUMNS=80`` in its environment where the run itself had none. Rich reads
+# ``COLUMNS`` once, when the CLI's consoles are created (at import), which pins their width at 80: a
+# command's ``env={"COLUMNS": ...}`` would no longer apply. So the run (the xdist controller, whose
+# environment the workers inherit) records its own values, and each worker takes them back on, here,
+# before any test module or conftest below this one imports the CLI.
+_TERMINAL_SIZE = ("COLUMNS", "LINES")
+_RUN_TERMINAL_SIZE = "CERTSYNC_TEST_RUN_TERMINAL_SIZE"
+if "PYTEST_XDIST_WORKER" in os.environ:
+    for _name, _value in json.loads(os.environ.get(_RUN_TERMINAL_SIZE, "{}")).items():
+        if _value is None:
+            os.environ.pop(_name, None)
+        else:
+            os.environ[_name] = _value
+else:
+    os.environ[_RUN_TERMINAL_SIZE] = json.dumps({name: os.environ.get(name) for name in _TERMINAL_SIZE})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``make test`` runs ``-n 2 --dist loadgroup``): the tests of the fault suite's
+    own PostgreSQL (``private_server``) share one worker, so only one such server is started; and the
+    ``slow`` tests are handed out first, so that no long test starts last and runs alone at the end:
+    those marked ``slow`` one by one (a single long test, such as the 10k-entry replay) before those of
+    modules marked ``slow`` as a whole (suites of shorter ones). A run without xdist keeps the
+    collection order."""
+    if not hasattr(config, "workerinput"):
+        return
+    for item in items:
+        if "private_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("private_server"))
+
+    def order(item: pytest.Item) -> tuple[bool, bool]:
+        slow_alone = any(mark.name == "slow" for mark in item.own_markers)
+        return (item.get_closest_marker("slow") is None, not slow_alone)
+
+    items.sort(key=order)  # stable: within each rank, the collection order
 
 
 @pytest.fixture(autouse=True)
