@@ -87,27 +87,8 @@ def sandbox_process(faults: FaultScript | None = None) -> Iterator[str]:
 
     Its own logs are at warning level: the portal's logging is not what is being measured.
     """
-    script = json.dumps((faults or FaultScript()).to_json_dict())
-    child = subprocess.Popen(
-        [sys.executable, "-c", _SANDBOX_CHILD, script],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert child.stdout is not None
-        url = child.stdout.readline().strip()
-        if not url.startswith("http"):
-            raise RuntimeError("the sandbox process did not start")
-        _wait_until_serving(url)
+    with child_server(_SANDBOX_CHILD, json.dumps((faults or FaultScript()).to_json_dict())) as url:
         yield url
-    finally:
-        child.terminate()
-        try:
-            child.wait(10)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
 
 
 _DATAVERSE_CHILD = """
@@ -130,8 +111,17 @@ run_sandbox("127.0.0.1", 0, config, on_listening=announce)
 @contextmanager
 def dataverse_process(limits: dict[str, Any]) -> Iterator[str]:
     """The Dataverse emulator in a child process, with ``limits`` (fields of ``ServiceLimits``)."""
+    with child_server(_DATAVERSE_CHILD, json.dumps(limits), probe="/_sandbox/state") as url:
+        yield url
+
+
+@contextmanager
+def child_server(
+    script: str, argument: str, *, probe: str = "/_sandbox/faults", timeout: float = 15.0
+) -> Iterator[str]:
+    """``script`` (which prints its URL once listening) in a child process; yields that URL."""
     child = subprocess.Popen(
-        [sys.executable, "-c", _DATAVERSE_CHILD, json.dumps(limits)],
+        [sys.executable, "-c", script, argument],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -140,8 +130,8 @@ def dataverse_process(limits: dict[str, Any]) -> Iterator[str]:
         assert child.stdout is not None
         url = child.stdout.readline().strip()
         if not url.startswith("http"):
-            raise RuntimeError("the Dataverse emulator process did not start")
-        _wait_until_serving(url, probe="/_sandbox/state")
+            raise RuntimeError("the portal process did not start")
+        _wait_until_serving(url, timeout=timeout, probe=probe)
         yield url
     finally:
         child.terminate()

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +21,7 @@ from typing import Any
 import httpx
 import psycopg
 
-from bench import Options, _wait_until_serving, fresh_database
+from bench import Options, child_server, fresh_database
 from bench._report import Report
 from bench.bench_database import seed_certifications
 from bench.bench_memory import CERTSYNC, Measured, measure
@@ -70,26 +68,8 @@ serve(app, "127.0.0.1", 0, lifespan="off", on_listening=announce)
 
 @contextmanager
 def planted_sandbox(database_url: str) -> Iterator[str]:
-    child = subprocess.Popen(
-        [sys.executable, "-c", _PLANTED_SANDBOX, database_url],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert child.stdout is not None
-        url = child.stdout.readline().strip()
-        if not url.startswith("http"):
-            raise RuntimeError("the planted sandbox did not start")
-        _wait_until_serving(url, timeout=60.0)
+    with child_server(_PLANTED_SANDBOX, database_url, timeout=60.0) as url:
         yield url
-    finally:
-        child.terminate()
-        try:
-            child.wait(10)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
 
 
 def delete_some(portal: str, database_url: str, every: int) -> int:
