@@ -12,7 +12,7 @@ that sends wait for the window to free instead of collecting 429s.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from uuid import UUID
 
 import httpx
@@ -109,7 +109,7 @@ class DynamicsClient:
         after: UUID | None = None
         while True:
             query = f"?limit={page_size}" + (f"&after={after}" if after is not None else "")
-            page = parse_body(_HoldingsPage, await self._authorised("GET", CERTIFICATIONS_PATH + query))
+            page = parse_body(_HoldingsPage, await self._exchange.request("GET", CERTIFICATIONS_PATH + query))
             for held in page.certifications:
                 yield PortalHolding(held.id, held.version, held.status, held.publicly_listed)
             if page.next is None:
@@ -141,7 +141,7 @@ class DynamicsClient:
         if self._signer is not None:
             # Signed once over the exact bytes sent: a retry after 401 resends the same signed message.
             headers |= self._signer.headers(key, content, self._clock.now())
-        response = await self._authorised(
+        response = await self._exchange.request(
             method,
             path,
             headers=headers,
@@ -154,31 +154,17 @@ class DynamicsClient:
 
     async def probe(self) -> None:
         """``GET /api/v1/contract``: the portal is up and takes our token."""
-        await self._authorised("GET", CONTRACT_PATH)
+        await self._exchange.request("GET", CONTRACT_PATH)
 
     async def contract_versions(self) -> tuple[int, ...]:
         """The contract versions the portal accepts now (``GET /api/v1/contract``)."""
-        response = await self._authorised("GET", CONTRACT_PATH)
+        response = await self._exchange.request("GET", CONTRACT_PATH)
         return tuple(parse_body(_ContractVersions, response).contract_versions)
 
     async def public_listing(self) -> frozenset[UUID]:
         """The peer mentors the portal lists publicly now (``GET /api/v1/public-listing``)."""
-        response = await self._authorised("GET", PUBLIC_LISTING_PATH)
+        response = await self._exchange.request("GET", PUBLIC_LISTING_PATH)
         return frozenset(parse_body(_PublicListing, response).peer_mentor_ids)
-
-    async def _authorised(
-        self,
-        method: str,
-        path: str,
-        *,
-        headers: Mapping[str, str] | None = None,
-        content: bytes | None = None,
-        event_id: str | None = None,
-        done_if_absent: bool = False,
-    ) -> httpx.Response:
-        return await self._exchange.request(
-            method, path, headers=headers, content=content, event_id=event_id, done_if_absent=done_if_absent
-        )
 
 
 def encode_body(body: CertificationUpsert) -> bytes:
