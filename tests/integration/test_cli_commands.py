@@ -86,6 +86,21 @@ async def test_breaker_status_shows_when_an_open_circuit_opened_and_may_probe(
     assert status["last_failure_reason"] == "HTTP 503 Service Unavailable"
 
 
+async def test_breaker_status_says_what_happens_once_the_probe_is_due(pool: Pool, database_url: str) -> None:
+    await open_the_circuit(pool, database_url)
+    env = cli_env(database_url, CERTSYNC_BREAKER_COOLDOWN="30", COLUMNS="200")
+    cooling = await certsync("breaker", "status", env=env)
+    async with pool.connection() as conn:
+        await conn.execute(
+            "update public.dynamics_circuit_breakers set opened_at = now() - interval '1 hour'"
+        )
+    due = await certsync("breaker", "status", env=env)
+
+    assert "until then nothing is sent" in cooling.stdout
+    assert "due since" in due.stdout
+    assert "the next call is the probe" in due.stdout
+
+
 async def test_breaker_reset_closes_an_open_breaker(pool: Pool, database_url: str) -> None:
     await open_the_circuit(pool, database_url)
     result = await certsync("breaker", "reset", env=cli_env(database_url))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
@@ -56,9 +56,21 @@ def status(
         "consecutive failures", f"{report['consecutive_failures']} of {report['failure_threshold']}"
     )
     table.add_row("opened at", report["opened_at"] or "-")
-    table.add_row("next probe at", report["next_probe_at"] or "-")
+    table.add_row("next probe", _next_probe(report["state"], report["next_probe_at"]))
     table.add_row("last failure", report["last_failure_reason"] or "-")
     out.print(table)
+
+
+def _next_probe(state: str, at: str | None) -> str:
+    """When the circuit may next be tried, and what happens then, for a person reading it."""
+    if state == "closed" or at is None:
+        return "-"
+    if datetime.fromisoformat(at) <= datetime.now(UTC):
+        return (
+            f"due since {at}: the next call is the probe (a running worker sends it within its poll"
+            " interval, a queued change or a cheap read); success closes the circuit"
+        )
+    return f"{at} (until then nothing is sent; changes wait in the outbox)"
 
 
 @breaker_cli.command()
