@@ -53,7 +53,7 @@ class Table:
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """One line of issue 7's table: what was promised, what was measured, and whether it holds."""
+    """One line of an issue's table of targets: what was promised, what was measured, whether it holds."""
 
     measure: str
     target: str
@@ -70,6 +70,7 @@ class Report:
     targets: list[Target] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     extra_machine: dict[str, str] = field(default_factory=dict)
+    issue: int = 7  # the issue whose targets these are
 
     def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
         self.tables.append(
@@ -140,7 +141,7 @@ def publish(report: Report) -> Path:
             rich.add_row(*row)
         console.print(rich)
     if report.targets:
-        rich = RichTable(title="Targets (issue 7)", title_justify="left")
+        rich = RichTable(title=f"Targets (issue {report.issue})", title_justify="left")
         for column in ("measure", "target", "measured", "verdict"):
             rich.add_column(column)
         for target in report.targets:
@@ -167,7 +168,7 @@ def markdown(report: Report) -> str:
             (t.measure, t.target, t.measured, "met" if t.met else "**missed**") for t in report.targets
         )
         lines += [
-            "### Targets (issue 7)",
+            f"### Targets (issue {report.issue})",
             "",
             *_markdown_table(("measure", "target", "measured", ""), rows),
             "",

@@ -100,6 +100,7 @@ def run(options: Options) -> Report:
     single_throttled = sum(1 for c in single_calls if c["status"] == 429)
     writes = [c for c in bulk_calls if c["method"] == "POST"]
     report = Report(
+        issue=14,
         name="bulk",
         title="A mass expiry into Dataverse under its service-protection limits (scaled): bulk vs single",
         method=(

@@ -116,6 +116,7 @@ def run(options: Options) -> Report:
             drifted, drifted_report = reconcile_once(env)
     missing = drifted_report.get("counts", {}).get("missing")
     report = Report(
+        issue=13,
         name="reconcile",
         title=f"certsync reconcile --json over {certifications:,} certifications",
         method=(
