@@ -312,6 +312,8 @@ class SyncWorker:
 
     def _batch_size(self) -> int:
         """Certifications per portal call: ``batch_size`` when the portal takes bulk upserts, else 1."""
+        if self._options.batch_size <= 1:
+            return 1
         return self._options.batch_size if self._sync.bulk else 1
 
     def _plan(
