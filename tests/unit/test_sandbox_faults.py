@@ -358,6 +358,22 @@ def test_the_command_builds_its_fault_script_and_credentials_from_the_options(
     assert config.contract_versions == (1, 2)
 
 
+def test_the_command_prints_the_credentials_the_next_command_needs(
+    started: list[tuple[str, int, SandboxConfig]],
+) -> None:
+    """A first use: what `certsync sandbox` prints is enough for `certsync contract check` to pass."""
+    result = CliRunner().invoke(cli, ["sandbox"])
+
+    assert result.exit_code == 0, result.output
+    for line in (
+        "CERTSYNC_DYNAMICS_TOKEN_URL=http://127.0.0.1:8765/oauth2/token",
+        "CERTSYNC_DYNAMICS_CLIENT_ID=certsync",
+        "CERTSYNC_DYNAMICS_CLIENT_SECRET=sandbox-secret",
+        "CERTSYNC_DYNAMICS_TOKEN=sandbox-token",
+    ):
+        assert line in result.output
+
+
 def test_the_command_never_prints_the_secrets_it_was_given(
     started: list[tuple[str, int, SandboxConfig]],
 ) -> None:

@@ -180,6 +180,7 @@ def sandbox(
         out.print(f"Dynamics sandbox listening on [bold]{url}[/]  (Ctrl+C to stop)")
         out.print(f"  CERTSYNC_DYNAMICS_BASE_URL={url}")
         out.print(f"  CERTSYNC_DYNAMICS_TOKEN_URL={url}/oauth2/token")
+        _print_credentials(config.client_id, config.client_secret, config.static_tokens)
         out.print(
             f"  admin API: {url}/_sandbox/requests, /_sandbox/faults, /_sandbox/state (docs/sandbox.md)"
         )
@@ -267,15 +268,7 @@ def _run_dataverse(
         out.print("  CERTSYNC_DYNAMICS_API=dataverse")
         out.print(f"  CERTSYNC_DYNAMICS_BASE_URL={url}   (the Web API: {url}{API_PREFIX}/)")
         out.print(f"  CERTSYNC_DYNAMICS_TOKEN_URL={url}/oauth2/token")
-        out.print(f"  CERTSYNC_DYNAMICS_CLIENT_ID={client_id}")
-        if client_secret == DEFAULT_CLIENT_SECRET:
-            out.print(
-                f"  CERTSYNC_DYNAMICS_CLIENT_SECRET={client_secret}   (the sandbox's well-known default)"
-            )
-        else:
-            out.print("  CERTSYNC_DYNAMICS_CLIENT_SECRET=<the one given with --client-secret>")
-        if tokens == (DEFAULT_TOKEN,):
-            out.print(f"  or a static CERTSYNC_DYNAMICS_TOKEN={DEFAULT_TOKEN}")
+        _print_credentials(client_id, client_secret, tokens)
         limits = config.limits
         out.print(
             f"  service protection: {limits.requests} requests / {limits.window_seconds:g} s, "
@@ -292,3 +285,16 @@ def _run_dataverse(
         run_sandbox(host, port, config, on_listening=announce, certfile=certfile, keyfile=keyfile)
     except OSError as exc:
         fail(1, f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+
+
+def _print_credentials(client_id: str, client_secret: str, tokens: tuple[str, ...]) -> None:
+    """What the token endpoint accepts, so the next ``certsync`` command can be configured as printed:
+    the client id, and the secret only when it is the sandbox's documented default (a chosen one is
+    never echoed)."""
+    out.print(f"  CERTSYNC_DYNAMICS_CLIENT_ID={client_id}")
+    if client_secret == DEFAULT_CLIENT_SECRET:
+        out.print(f"  CERTSYNC_DYNAMICS_CLIENT_SECRET={client_secret}   (the sandbox's well-known default)")
+    else:
+        out.print("  CERTSYNC_DYNAMICS_CLIENT_SECRET=<the one given with --client-secret>")
+    if tokens == (DEFAULT_TOKEN,):
+        out.print(f"  or a static CERTSYNC_DYNAMICS_TOKEN={DEFAULT_TOKEN}")
