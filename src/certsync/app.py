@@ -49,6 +49,7 @@ from certsync.store.certifications import CertificationRepository
 from certsync.store.console_queries import ConsoleQueries
 from certsync.store.console_sessions import ConsoleSessions as ConsoleSessions  # noqa: PLC0414  (re-exported: the console reaches the store through app)
 from certsync.store.embedded import embedded_database_url
+from certsync.store.heartbeats import WorkerHeartbeats
 from certsync.store.history import HistoryStore
 from certsync.store.migrations import MigrationReport, migrate
 from certsync.store.outbox import Outbox, OutboxListener
@@ -57,7 +58,7 @@ from certsync.store.reconcile import ReconcileStore
 from certsync.store.retention import Retention, RetentionPolicy
 from certsync.store.retry_queue import RetryQueue
 from certsync.store.sweep import count_due, expire_due
-from certsync.worker import Companion, SyncWorker, WorkerOptions, WorkerStats, today_in
+from certsync.worker import Companion, HeartbeatRecorder, SyncWorker, WorkerOptions, WorkerStats, today_in
 
 log = structlog.get_logger(__name__)
 
@@ -401,7 +402,20 @@ class Runtime:
                 " to this portal",
             )
         sending = self.settings.sync_enabled
-        companions: tuple[Companion, ...] = (AccessAuditRecorder(self.database_url),) if listen else ()
+        companions: tuple[Companion, ...] = (
+            (
+                AccessAuditRecorder(self.database_url),
+                HeartbeatRecorder(
+                    WorkerHeartbeats(self.pool),
+                    worker_id(),
+                    clock=self.clock,
+                    sleep=self.sleep,
+                    sending=self.settings.sync_enabled,
+                ),
+            )
+            if listen
+            else ()
+        )
         periodic = self.periodic_reconcile() if reconcile else None
         if periodic is not None:
             companions = (*companions, periodic)

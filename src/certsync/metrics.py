@@ -212,6 +212,7 @@ def _status_metrics(status: SystemStatus) -> Iterator[Metric]:
         last.add_metric([], status.last_delivered_at.timestamp())
         yield last
     yield from _reconcile_metrics(status)
+    yield from _worker_metrics(status)
 
 
 def _reconcile_metrics(status: SystemStatus) -> Iterator[Metric]:
@@ -234,6 +235,26 @@ def _reconcile_metrics(status: SystemStatus) -> Iterator[Metric]:
     )
     finished.add_metric([], run.finished_at.timestamp())
     yield finished
+
+
+def _worker_metrics(status: SystemStatus) -> Iterator[Metric]:
+    """Is any worker alive? From ``worker_heartbeats``, so a process that is not a worker (the console)
+    can say so when every worker is down."""
+    workers = status.workers
+    if workers is None:
+        return
+    alive = GaugeMetricFamily(
+        "certsync_workers_alive", "Workers whose heartbeat is under a minute old (and that did not stop)."
+    )
+    alive.add_metric([], workers.alive)
+    yield alive
+    if workers.last_beat_at is not None:
+        last = GaugeMetricFamily(
+            "certsync_worker_last_heartbeat_timestamp_seconds",
+            "The most recent heartbeat of a running worker (absent when none runs or ever ran).",
+        )
+        last.add_metric([], workers.last_beat_at.timestamp())
+        yield last
 
 
 class WorkerStatsCollector(Collector):

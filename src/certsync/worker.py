@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Protocol
@@ -39,6 +39,7 @@ from certsync.errors import CertsyncError
 from certsync.resilience.breaker import CircuitState
 from certsync.resilience.clock import Clock, Sleep
 from certsync.store.errors import DatabaseUnavailable
+from certsync.store.heartbeats import WorkerHeartbeats
 from certsync.store.outbox import ClaimedEvent, Outbox
 from certsync.store.pool import Pool
 from certsync.store.retention import Retention
@@ -60,6 +61,53 @@ class Companion(Protocol):
     """Background work that lives as long as the worker (``AccessAuditRecorder``)."""
 
     async def run(self, stop: asyncio.Event) -> None: ...
+
+
+class HeartbeatRecorder:
+    """A ``Companion``: records this worker's heartbeat in the database every ``interval`` seconds, and
+    that it stopped when it stops, so any process can tell whether a worker is alive. An unreachable
+    database is logged and ridden out (the next beat tries again); it never stops the worker."""
+
+    def __init__(
+        self,
+        beats: WorkerHeartbeats,
+        worker_id: str,
+        *,
+        clock: Clock,
+        sleep: Sleep,
+        sending: bool,
+        interval: float = 10.0,
+    ) -> None:
+        self._beats = beats
+        self._worker_id = worker_id
+        self._clock = clock
+        self._sleep = sleep
+        self._sending = sending
+        self._interval = interval
+
+    async def run(self, stop: asyncio.Event) -> None:
+        started_at = self._clock.now()
+        try:
+            while not stop.is_set():
+                try:
+                    await self._beats.beat(
+                        self._worker_id, now=self._clock.now(), started_at=started_at, sending=self._sending
+                    )
+                except DatabaseUnavailable as exc:
+                    log.warning("worker_heartbeat_failed", error=str(exc))
+                await _sleep_unless(stop, self._sleep(self._interval))
+        finally:
+            # Also when the worker cancels its side tasks after the drain: say it stopped.
+            with contextlib.suppress(DatabaseUnavailable):
+                await asyncio.shield(self._beats.stopped(self._worker_id, now=self._clock.now()))
+
+
+async def _sleep_unless(stop: asyncio.Event, sleeping: Awaitable[None]) -> None:
+    """Wait for ``sleeping`` or ``stop``, whichever comes first."""
+    tasks = [asyncio.ensure_future(sleeping), asyncio.ensure_future(stop.wait())]
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in tasks:
+        task.cancel()
 
 
 class WorkerFailed(CertsyncError):

@@ -7,12 +7,14 @@ from datetime import datetime, timedelta
 
 from certsync.resilience.breaker import BreakerStatus, DynamicsCircuitBreaker, Transition
 from certsync.store.console_queries import ConsoleQueries
+from certsync.store.heartbeats import WorkerBeat, WorkerHeartbeats
 from certsync.store.outbox import Outbox, OutboxDepth
 from certsync.store.pool import Pool
 from certsync.store.reconcile import ReconcileStore, RunSummary
 from certsync.store.retry_queue import RetryQueue
 
 __all__ = [
+    "ALIVE_WITHIN",
     "BreakerStatus",
     "OutboxDepth",
     "QueueCount",
@@ -21,6 +23,10 @@ __all__ = [
     "Transition",
     "read_system_status",
 ]
+
+
+# A worker beats every 10 s; one silent for a minute is not alive.
+ALIVE_WITHIN = timedelta(seconds=60)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +47,8 @@ class SystemStatus:
     last_delivered_at: datetime | None
     # The last reconcile that reached a verdict (None: none yet), as every process reads it.
     last_reconcile: RunSummary | None = None
+    # The last heartbeat of a running worker, and how many beat within ``ALIVE_WITHIN``.
+    workers: WorkerBeat | None = None
 
     def queue_count(self, status: str) -> QueueCount:
         return self.queue.get(status, QueueCount(0, None))
@@ -70,4 +78,5 @@ async def read_system_status(pool: Pool, breaker: DynamicsCircuitBreaker, now: d
         delivered_last_hour=figures.delivered_since,
         last_delivered_at=figures.last_delivered_at,
         last_reconcile=await ReconcileStore(pool).last_finished(),
+        workers=await WorkerHeartbeats(pool).latest(now=now, within=ALIVE_WITHIN),
     )
