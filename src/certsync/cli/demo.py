@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import secrets
+import shlex
+import shutil
+import sys
 from pathlib import Path
 
 import platformdirs
@@ -80,9 +84,31 @@ def _summary(report: DemoReport) -> None:
     verdict = "[green]matches[/]" if report.listing_matches_database else "[red]does NOT match[/]"
     out.print(f"The portal's listing {verdict} the database. Finished in {report.seconds:.1f} s.")
     out.print(f"Structured logs of the run: {report.log_file}")
-    url = report.database_url
-    out.print("\nNext, look at what the demo left behind:")
-    for command in ("certsync queue list", "certsync breaker status", "certsync console"):
-        out.print(f"  CERTSYNC_DATABASE_URL='{url}' {command}", highlight=False, soft_wrap=True)
+    out.print("\nNext, look at what the demo left behind (each line works as typed):")
+    for line in next_commands(report.database_url):
+        out.print(f"  {line}", highlight=False, soft_wrap=True)
     if not report.listing_matches_database:
         raise SystemExit(1)
+
+
+def certsync_command() -> str:
+    """How to run certsync again from this shell: ``certsync`` when it is on the PATH, else the path
+    of the script that is running (``make demo`` runs ``.venv/bin/certsync``, which is not on it)."""
+    if shutil.which("certsync"):
+        return "certsync"
+    script = Path(sys.argv[0])
+    if script.name == "certsync" and script.exists():
+        return shlex.quote(str(script.resolve()))
+    return f"{shlex.quote(sys.executable)} -m certsync"
+
+
+def next_commands(database_url: str) -> list[str]:
+    """The commands the demo suggests, complete: the database, and a console sign-in token."""
+    command = certsync_command()
+    database = f"CERTSYNC_DATABASE_URL={shlex.quote(database_url)}"
+    token = secrets.token_urlsafe(24)
+    return [
+        f"{database} {command} queue list",
+        f"{database} {command} breaker status",
+        f"{database} CERTSYNC_CONSOLE_OPERATOR_TOKEN={token} {command} console   (sign in with that token)",
+    ]
