@@ -49,7 +49,8 @@ def upsert_body(
 def put(
     client: httpx.Client, body: dict[str, Any], *, token: str | None = TOKEN, **headers: str
 ) -> httpx.Response:
-    sent = {"Idempotency-Key": body["event_id"], **headers}
+    # No token: an empty Authorization replaces the client's default one.
+    sent = {"Idempotency-Key": body["event_id"], "Authorization": "", **headers}
     if token is not None:
         sent["Authorization"] = f"Bearer {token}"
     return client.put(f"/api/v1/certifications/{body['certification']['id']}", json=body, headers=sent)
@@ -90,7 +91,8 @@ def server(request: pytest.FixtureRequest, server_config: SandboxConfig) -> Iter
 
 @pytest.fixture
 def client(server: SandboxServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=5) as http:
+    """A client that sends the test token on every request, as certsync does (``put`` may override it)."""
+    with httpx.Client(base_url=server.url, timeout=5, headers={"Authorization": f"Bearer {TOKEN}"}) as http:
         yield http
 
 
@@ -189,10 +191,8 @@ def test_a_delete_forgets_the_certification_and_a_second_one_is_404(client: http
 
 def test_a_delete_needs_the_token_and_an_idempotency_key(client: httpx.Client) -> None:
     certification_id = str(uuid4())
-    anonymous = client.delete(f"/api/v1/certifications/{certification_id}")
-    unkeyed = client.delete(
-        f"/api/v1/certifications/{certification_id}", headers={"Authorization": f"Bearer {TOKEN}"}
-    )
+    anonymous = client.delete(f"/api/v1/certifications/{certification_id}", headers={"Authorization": ""})
+    unkeyed = client.delete(f"/api/v1/certifications/{certification_id}")
 
     assert anonymous.status_code == 401
     assert (unkeyed.status_code, unkeyed.json()["error"]) == (400, "idempotency_key_missing")
@@ -233,7 +233,7 @@ def test_the_listing_pages_by_id_until_next_is_null(client: httpx.Client) -> Non
 
 def test_the_listing_needs_the_token_and_a_sane_limit(client: httpx.Client) -> None:
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    assert client.get("/api/v1/certifications").status_code == 401
+    assert client.get("/api/v1/certifications", headers={"Authorization": ""}).status_code == 401
     assert client.get("/api/v1/certifications", params={"limit": 0}, headers=auth).status_code == 422
     assert client.get("/api/v1/certifications", params={"after": "x"}, headers=auth).status_code == 422
 
@@ -544,6 +544,14 @@ def test_configured_latency_delays_the_answer(client: httpx.Client) -> None:
 # the request log and reset ------------------------------------------------------------------------
 
 
+def test_the_contract_and_the_listing_need_the_token_too(client: httpx.Client) -> None:
+    """Contract v1: every portal route takes the bearer token, the two reads included."""
+    anonymous = {"Authorization": ""}
+    for path in ("/api/v1/contract", "/api/v1/public-listing"):
+        assert client.get(path, headers=anonymous).status_code == 401
+        assert client.get(path).status_code == 200
+
+
 def test_the_request_log_records_the_exact_sequence_without_the_token(client: httpx.Client) -> None:
     body = upsert_body(uuid4(), 1)
     client.get("/api/v1/contract")
@@ -559,7 +567,7 @@ def test_the_request_log_records_the_exact_sequence_without_the_token(client: ht
     ]
     assert [entry["seq"] for entry in log] == [1, 2, 3]
     assert log[2]["idempotency_key"] == body["event_id"]
-    assert [entry["has_authorization"] for entry in log] == [False, False, True]
+    assert [entry["has_authorization"] for entry in log] == [True, False, True]
     assert TOKEN not in client.get("/_sandbox/requests").text
     assert [
         entry["seq"] for entry in client.get("/_sandbox/requests", params={"since": 2}).json()["requests"]

@@ -303,11 +303,13 @@ def _add_portal_routes(app: FastAPI, sandbox: Sandbox) -> None:
         return {"certifications": rows, "next": cursor}
 
     @app.get("/api/v1/contract")
-    async def contract() -> dict[str, list[int]]:
+    async def contract(request: Request) -> dict[str, list[int]]:
+        _authorize(sandbox, request.headers)  # contract v1: every portal route takes the bearer token
         return {"contract_versions": list(sandbox.contract_versions)}
 
     @app.get("/api/v1/public-listing")
-    async def public_listing() -> dict[str, list[str]]:
+    async def public_listing(request: Request) -> dict[str, list[str]]:
+        _authorize(sandbox, request.headers)
         return {"peer_mentor_ids": sandbox.public_listing()}
 
     @app.post("/oauth2/token")

@@ -156,7 +156,7 @@ class _Accounting:
             method=scope["method"],
             path=scope["path"],
             query=scope.get("query_string", b"").decode("latin-1"),
-            has_authorization="authorization" in self.headers,
+            has_authorization=bool(self.headers.get("authorization", "").strip()),
             status=noted["status"],
             fault=decision.fault,
             outcome=noted["outcome"],

@@ -38,7 +38,7 @@ class SandboxServer(BackgroundServer):
     ::
 
         with SandboxServer(SandboxConfig()) as server:
-            httpx.get(f"{server.url}/api/v1/contract")
+            httpx.get(f"{server.url}/api/v1/contract", headers={"Authorization": "Bearer sandbox-token"})
 
         with SandboxServer(DataverseConfig(), certfile=pem, keyfile=key) as server:
             server.url  # https://127.0.0.1:…; the Web API is {url}/api/data/v9.2/

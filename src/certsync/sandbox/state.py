@@ -327,7 +327,7 @@ class Sandbox:
                 path=path,
                 idempotency_key=headers.get("idempotency-key"),
                 webhook_id=headers.get("webhook-id"),
-                has_authorization="authorization" in headers,
+                has_authorization=bool(headers.get("authorization", "").strip()),
                 status=status,
                 fault=decision.fault,
                 outcome=outcome,
