@@ -165,52 +165,50 @@ def _status_metrics(status: SystemStatus) -> Iterator[Metric]:
     for candidate in CircuitState:
         state.add_metric([candidate.value], 1 if status.breaker.state is candidate else 0)
     yield state
-    failures = GaugeMetricFamily(
-        "certsync_breaker_consecutive_failures", "Consecutive failed calls counted by the breaker."
+    yield _gauge(
+        "certsync_breaker_consecutive_failures",
+        "Consecutive failed calls counted by the breaker.",
+        status.breaker.consecutive_failures,
     )
-    failures.add_metric([], status.breaker.consecutive_failures)
-    yield failures
     if status.breaker.opened_at is not None:
-        opened = GaugeMetricFamily(
-            "certsync_breaker_opened_timestamp_seconds", "When the current outage opened the circuit."
+        yield _gauge(
+            "certsync_breaker_opened_timestamp_seconds",
+            "When the current outage opened the circuit.",
+            status.breaker.opened_at.timestamp(),
         )
-        opened.add_metric([], status.breaker.opened_at.timestamp())
-        yield opened
     outbox = GaugeMetricFamily(
         "certsync_outbox_events", "Outbox events not yet delivered, by status.", labels=["status"]
     )
     outbox.add_metric(["waiting"], status.outbox.waiting)
     outbox.add_metric(["in_flight"], status.outbox.in_flight)
     yield outbox
-    outbox_age = GaugeMetricFamily(
-        "certsync_outbox_oldest_event_age_seconds", "Age of the oldest undelivered outbox event; 0 if none."
+    yield _gauge(
+        "certsync_outbox_oldest_event_age_seconds",
+        "Age of the oldest undelivered outbox event; 0 if none.",
+        _seconds(status.oldest_outbox_age) if status.oldest_outbox_age else 0.0,
     )
-    outbox_age.add_metric([], _seconds(status.oldest_outbox_age) if status.oldest_outbox_age else 0.0)
-    yield outbox_age
     queue = GaugeMetricFamily(
         "certsync_retry_queue_entries", "Retry queue entries by status.", labels=["status"]
     )
     for queue_status in QUEUE_STATUSES:
         queue.add_metric([queue_status], status.queue_count(queue_status).entries)
     yield queue
-    pending_age = GaugeMetricFamily(
+    yield _gauge(
         "certsync_retry_queue_oldest_pending_age_seconds",
         "Age of the oldest entry waiting for manual replay; 0 if none.",
+        _seconds(status.oldest_pending_age) if status.oldest_pending_age else 0.0,
     )
-    pending_age.add_metric([], _seconds(status.oldest_pending_age) if status.oldest_pending_age else 0.0)
-    yield pending_age
-    last_hour = GaugeMetricFamily(
-        "certsync_deliveries_last_hour", "Outbox events delivered in the hour before the scrape."
+    yield _gauge(
+        "certsync_deliveries_last_hour",
+        "Outbox events delivered in the hour before the scrape.",
+        status.delivered_last_hour,
     )
-    last_hour.add_metric([], status.delivered_last_hour)
-    yield last_hour
     if status.last_delivered_at is not None:
-        last = GaugeMetricFamily(
+        yield _gauge(
             "certsync_last_delivery_timestamp_seconds",
             "When the last outbox event was delivered (absent until the first delivery).",
+            status.last_delivered_at.timestamp(),
         )
-        last.add_metric([], status.last_delivered_at.timestamp())
-        yield last
     yield from _reconcile_metrics(status)
     yield from _worker_metrics(status)
 
@@ -229,12 +227,11 @@ def _reconcile_metrics(status: SystemStatus) -> Iterator[Metric]:
     for kind in KINDS:
         mismatches.add_metric([str(kind)], run.counts.get(str(kind), 0))
     yield mismatches
-    finished = GaugeMetricFamily(
+    yield _gauge(
         "certsync_reconcile_last_finished_timestamp_seconds",
         "When the last reconcile that reached a verdict finished (a failed one does not count).",
+        run.finished_at.timestamp(),
     )
-    finished.add_metric([], run.finished_at.timestamp())
-    yield finished
 
 
 def _worker_metrics(status: SystemStatus) -> Iterator[Metric]:
@@ -243,18 +240,24 @@ def _worker_metrics(status: SystemStatus) -> Iterator[Metric]:
     workers = status.workers
     if workers is None:
         return
-    alive = GaugeMetricFamily(
-        "certsync_workers_alive", "Workers whose heartbeat is under a minute old (and that did not stop)."
+    yield _gauge(
+        "certsync_workers_alive",
+        "Workers whose heartbeat is under a minute old (and that did not stop).",
+        workers.alive,
     )
-    alive.add_metric([], workers.alive)
-    yield alive
     if workers.last_beat_at is not None:
-        last = GaugeMetricFamily(
+        yield _gauge(
             "certsync_worker_last_heartbeat_timestamp_seconds",
             "The most recent heartbeat of a running worker (absent when none runs or ever ran).",
+            workers.last_beat_at.timestamp(),
         )
-        last.add_metric([], workers.last_beat_at.timestamp())
-        yield last
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    """One unlabelled gauge with its value."""
+    gauge = GaugeMetricFamily(name, documentation)
+    gauge.add_metric([], value)
+    return gauge
 
 
 class WorkerStatsCollector(Collector):
@@ -273,9 +276,11 @@ class WorkerStatsCollector(Collector):
             if isinstance(value, int):
                 family.add_metric([field.name], value)
         yield family
-        started = GaugeMetricFamily("certsync_worker_start_timestamp_seconds", "When this worker started.")
-        started.add_metric([], stats.started_at.timestamp())
-        yield started
+        yield _gauge(
+            "certsync_worker_start_timestamp_seconds",
+            "When this worker started.",
+            stats.started_at.timestamp(),
+        )
 
 
 def render_metrics(*registries: Collector) -> bytes:
