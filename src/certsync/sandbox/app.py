@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import structlog
 from fastapi import FastAPI, Query, Request
@@ -242,14 +242,22 @@ class _ContractVersions(BaseModel):
     contract_versions: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
 
 
-def create_sandbox_app(config: SandboxConfig) -> SandboxApp:
-    """A fresh sandbox portal with its own state; serve it with ``SandboxServer`` or ``run_sandbox``."""
-    app = SandboxApp(
-        title="certsync Dynamics sandbox",
+_App = TypeVar("_App", bound=FastAPI)
+
+
+def portal_app(cls: type[_App], title: str) -> _App:
+    """A local portal's FastAPI app: its own OpenAPI and docs under the admin prefix, never the portal's."""
+    return cls(
+        title=title,
         docs_url=f"{ADMIN_PREFIX}/docs",
         openapi_url=f"{ADMIN_PREFIX}/openapi.json",
         redoc_url=None,
     )
+
+
+def create_sandbox_app(config: SandboxConfig) -> SandboxApp:
+    """A fresh sandbox portal with its own state; serve it with ``SandboxServer`` or ``run_sandbox``."""
+    app = portal_app(SandboxApp, "certsync Dynamics sandbox")
     app.sandbox = Sandbox(config)
     app.add_exception_handler(_Refused, _answer_refusal)
     app.add_exception_handler(ClientDisconnect, _client_gone)

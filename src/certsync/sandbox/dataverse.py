@@ -42,7 +42,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 from starlette.types import Message, Receive, Scope, Send
 
-from certsync.sandbox.app import ADMIN_PREFIX, CLIENT_CLOSED_REQUEST, _drop_connection
+from certsync.sandbox.app import ADMIN_PREFIX, CLIENT_CLOSED_REQUEST, _drop_connection, portal_app
 from certsync.sandbox.dataverse_limits import REQUESTS_CODE, Admission, LimitsError, parse_limits
 from certsync.sandbox.dataverse_state import (
     INVALID_ARGUMENT,
@@ -246,12 +246,7 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
 
 def create_dataverse_app(config: DataverseConfig) -> DataverseApp:
     """A fresh emulator with its own state; serve it with ``SandboxServer`` or ``run_sandbox``."""
-    app = DataverseApp(
-        title="certsync Dataverse emulator",
-        docs_url=f"{ADMIN_PREFIX}/docs",
-        openapi_url=f"{ADMIN_PREFIX}/openapi.json",
-        redoc_url=None,
-    )
+    app = portal_app(DataverseApp, "certsync Dataverse emulator")
     app.emulator = DataverseEmulator(config)
     app.add_exception_handler(ODataError, _answer_odata_error)
     app.add_exception_handler(ClientDisconnect, _client_gone)
