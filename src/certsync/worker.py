@@ -40,7 +40,7 @@ from certsync.resilience.breaker import CircuitState
 from certsync.resilience.clock import Clock, Sleep
 from certsync.store.errors import DatabaseUnavailable
 from certsync.store.heartbeats import WorkerHeartbeats
-from certsync.store.outbox import ClaimedEvent, Outbox
+from certsync.store.outbox import ClaimedEvent, DeliveredClose, Outbox
 from certsync.store.pool import Pool
 from certsync.store.retention import Retention
 from certsync.store.retry_queue import AutoReplayClaim
@@ -499,27 +499,34 @@ class SyncWorker:
         try:
             outcomes = await self._sync.deliver_bulk(
                 [
-                    BulkItem(request, event.operation_type, sink)
+                    BulkItem(request, event.operation_type, sink, sink.attempts)
                     for (event, request), sink in zip(batch, sinks, strict=True)
                 ],
                 when_open="hold",
             )
             delivered = [
-                e for (e, _), o in zip(batch, outcomes, strict=True) if o.outcome is Outcome.DELIVERED
+                DeliveredClose(event, sink.attempts.entries)
+                for (event, _), outcome, sink in zip(batch, outcomes, sinks, strict=True)
+                if outcome.outcome is Outcome.DELIVERED
             ]
             closed = await self._outbox.mark_delivered_many(delivered, self._clock.now())
             self.stats.delivered += len(closed)
-            for event in delivered:
-                if event.id not in closed:
-                    self._stale(event)
+            for close in delivered:
+                if close.event.id not in closed:
+                    self._stale(close.event)
             for (event, _), outcome, sink in zip(batch, outcomes, sinks, strict=True):
                 if outcome.outcome is not Outcome.DELIVERED:
                     await self._settle(event, outcome, sink)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
-                for event, _ in batch:
+                for (event, _), sink in zip(batch, sinks, strict=True):
                     await asyncio.shield(
-                        self._outbox.release(event, available_at=self._clock.now(), detail="worker stopped")
+                        self._outbox.release(
+                            event,
+                            available_at=self._clock.now(),
+                            detail="worker stopped",
+                            attempt_log=sink.attempts.entries,
+                        )
                     )
             raise
         except Exception:

@@ -20,6 +20,7 @@ from certsync.sandbox.dataverse_state import TableMetadata
 from certsync.sandbox.state import DEFAULT_TOKEN
 from certsync.settings import Settings
 from certsync.store.reconcile import ReconcileStore
+from tests.support.history import history_json
 from tests.support.rls import Hierarchy
 from tests.support.runtime import FAST
 
@@ -186,3 +187,22 @@ async def test_due_changes_go_in_bulk_and_a_refused_row_is_isolated(
         "select status, count(*) from public.certification_sync_events group by status order by 1"
     ).fetchall()
     assert statuses == [("delivered", 249), ("queued", 1)]
+
+    # The refused row's history names every call that carried it and what Dataverse answered: each
+    # refused bulk call, halving, down to its own PATCH.
+    [change] = (await history_json(database_url, refused))["changes"]
+    calls_made = [(a["outcome"], a["status"], a["targets"]) for a in change["attempts"]]
+    first = calls_made[0][2]
+    assert first in (100, 50), calls_made  # the batch it was claimed in
+    assert calls_made[-1] == ("refused", 400, None)  # alone at last: a single PATCH
+    targets = [n for _, _, n in calls_made[:-1]]
+    assert {(outcome, status) for outcome, status, _ in calls_made} == {("refused", 400)}
+    assert targets == sorted(targets, reverse=True)
+    assert targets[-1] <= 3
+    # Every other row of its first call was delivered, and keeps that refused call in its history.
+    carried = superuser.execute(
+        "select count(*) from public.certification_sync_events"
+        " where status = 'delivered' and attempt_log @> %s::jsonb",
+        (f'[{{"outcome": "refused", "targets": {first}}}]',),
+    ).fetchone()
+    assert carried == (first - 1,)

@@ -3,7 +3,6 @@ against the sandbox, a reconcile, a replay and a discard), read back from what c
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 from uuid import uuid4
@@ -17,7 +16,7 @@ from certsync.sandbox.server import SandboxServer
 from certsync.store.pool import Pool
 from tests.support.cli import assert_one_line_error, certsync, cli_env
 from tests.support.console import BASE, BEARER, console_settings
-from tests.support.history import OPERATOR, Planted, plant_every_state
+from tests.support.history import OPERATOR, Planted, history_json, plant_every_state
 from tests.support.seed import seed_certifications
 
 pytestmark = pytest.mark.integration
@@ -32,13 +31,6 @@ async def runtime(database_url: str, sandbox: SandboxServer) -> AsyncIterator[Ru
 @pytest.fixture
 async def planted(pool: Pool, runtime: Runtime, sandbox: SandboxServer) -> Planted:
     return await plant_every_state(pool, runtime, sandbox)
-
-
-async def history_json(database_url: str, *args: str) -> dict[str, Any]:
-    result = await certsync("history", *args, "--json", env=cli_env(database_url))
-    assert result.exit_code == 0, result.output
-    document: dict[str, Any] = json.loads(result.stdout)
-    return document
 
 
 def states(document: dict[str, Any]) -> list[tuple[int, str]]:

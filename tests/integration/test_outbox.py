@@ -9,7 +9,7 @@ from uuid import UUID
 import psycopg
 import pytest
 
-from certsync.store.outbox import NOTIFY_CHANNEL, Outbox
+from certsync.store.outbox import NOTIFY_CHANNEL, DeliveredClose, Outbox
 from certsync.store.pool import Pool, open_pool
 from certsync.store.retry_queue import NewRetryEntry
 from tests.support.seed import seed_certifications
@@ -170,7 +170,7 @@ async def test_a_bulk_close_is_one_statement_fenced_per_event(pool: Pool) -> Non
     assert await alive.rescue_expired(NOW) == 1
     [rescued] = (await alive.claim(NOW, limit=3, lease_seconds=30)).events
 
-    closed = await dead.mark_delivered_many(claimed, NOW)
+    closed = await dead.mark_delivered_many([DeliveredClose(e) for e in claimed], NOW)
 
     assert closed == {claimed[1].id, claimed[2].id}
     statuses = {c: [str(e["status"]) for e in await events(pool, c)] for c in certs}
@@ -180,6 +180,28 @@ async def test_a_bulk_close_is_one_statement_fenced_per_event(pool: Pool) -> Non
         "delivered",
     ]
     assert await dead.mark_delivered_many([], NOW) == set()
+
+
+async def test_each_closed_event_keeps_its_own_detail_and_failed_calls(pool: Pool) -> None:
+    certs = await seed_certifications(pool, 2)
+    outbox = Outbox(pool, "worker-a")
+    first, second = (await outbox.claim(NOW, limit=2, lease_seconds=30)).events
+    call = {"claim": 1, "attempt": 1, "at": NOW.isoformat(), "outcome": "transient", "status": 503}
+
+    closed = await outbox.mark_delivered_many(
+        [DeliveredClose(first, [call, {**call, "attempt": 2}]), DeliveredClose(second, (), "not sent")], NOW
+    )
+
+    assert closed == {first.id, second.id}
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "select id, detail, attempt_log from public.certification_sync_events"
+            " where certification_id = any(%s)",
+            (certs,),
+        )
+        rows = {r["id"]: (r["detail"], r["attempt_log"]) for r in await cur.fetchall()}
+    assert rows[first.id] == (None, [call, {**call, "attempt": 2}])
+    assert rows[second.id] == ("not sent", [])
 
 
 async def test_queueing_closes_the_event_and_writes_the_retry_row_together(pool: Pool) -> None:

@@ -4,18 +4,28 @@ and discards — so ``certsync history``, its API route and the console's page a
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 from uuid import UUID
 
 from certsync.app import Runtime
 from certsync.sandbox.faults import FaultScript, FaultStep
 from certsync.sandbox.server import SandboxServer
 from certsync.store.pool import Pool
+from tests.support.cli import certsync, cli_env
 from tests.support.runtime import FAST
 from tests.support.seed import seed_certifications, set_status
 
 OPERATOR = "oncall"
+
+
+async def history_json(database_url: str, *args: str) -> dict[str, Any]:
+    """What ``certsync history ... --json`` prints, run as a user would."""
+    result = await certsync("history", *args, "--json", env=cli_env(database_url))
+    assert result.exit_code == 0, result.output
+    document: dict[str, Any] = json.loads(result.stdout)
+    return document
 
 
 @dataclass(frozen=True, slots=True)

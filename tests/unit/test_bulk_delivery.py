@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from uuid import UUID
 
 import httpx
 import pytest
 import respx
 
+from certsync.delivery.attempts import AttemptLog
 from certsync.delivery.sync_service import BulkItem, DeliveryFailure, HLFDynamicsSyncService, Outcome
 from certsync.dynamics.auth import StaticTokenProvider
 from certsync.dynamics.client import DynamicsClient
@@ -72,7 +73,16 @@ class Harness:
         )
 
     def items(self, n: int) -> list[BulkItem]:
-        return [BulkItem(upsert(), "certification.status_changed", self.sink) for _ in range(n)]
+        return [
+            BulkItem(upsert(), "certification.status_changed", self.sink, AttemptLog(claim=1))
+            for _ in range(n)
+        ]
+
+
+def calls_noted(item: BulkItem) -> list[tuple[int, str, int | None, object]]:
+    """(number, outcome, status, targets) of each failed call noted in an item's history."""
+    assert item.attempts is not None
+    return [(e["attempt"], e["outcome"], e["status"], e.get("targets")) for e in item.attempts.entries]  # type: ignore[misc]
 
 
 def refusing(refused: set[UUID], calls: list[tuple[str, int]]) -> respx.Route:
@@ -206,3 +216,43 @@ async def test_a_portal_without_bulk_upserts_is_refused() -> None:
     )
     with pytest.raises(TypeError, match="no bulk upserts"):
         await service.deliver_bulk(h.items(2))
+
+
+@respx.mock
+async def test_each_failed_bulk_call_is_noted_in_the_history_of_every_certification_it_carried() -> None:
+    h = Harness(threshold=10)
+    started = h.clock.now()
+    throttled = httpx.Response(429, headers={"Retry-After": "3"})
+    respx.post(BULK).mock(side_effect=[httpx.Response(503), throttled, httpx.Response(200, json={})])
+    items = h.items(3)
+
+    outcomes = await h.service.deliver_bulk(items)
+
+    assert [o.outcome for o in outcomes] == [Outcome.DELIVERED] * 3
+    for item in items:
+        assert calls_noted(item) == [(1, "transient", 503, 3), (2, "rate_limited", 429, 3)]
+        assert item.attempts is not None
+        # Injected clock: the 503 at the start, the 429 after the 2 s back-off.
+        assert [e["at"] for e in item.attempts.entries] == [
+            started.isoformat(),
+            (started + timedelta(seconds=2)).isoformat(),
+        ]
+
+
+@respx.mock
+async def test_a_split_notes_each_refused_call_so_the_refused_row_shows_how_it_was_isolated() -> None:
+    h = Harness()
+    items = h.items(4)
+    refused = items[3].request.certification.id
+    refusing({refused}, [])
+
+    await h.service.deliver_bulk(items)
+
+    # 4 refused → 0-1 delivered, 2-3 refused → 2 alone delivered, 3 alone refused (a single PATCH).
+    assert calls_noted(items[0]) == [(1, "refused", 400, 4)]
+    assert calls_noted(items[2]) == [(1, "refused", 400, 4), (2, "refused", 400, 2)]
+    assert calls_noted(items[3]) == [
+        (1, "refused", 400, 4),
+        (2, "refused", 400, 2),
+        (3, "refused", 400, None),
+    ]

@@ -151,6 +151,8 @@ def _attempt_line(attempt: Attempt) -> str:
         head = f"claim {attempt.claim} attempt {attempt.attempt}"
     else:
         head = f"claim {attempt.claim}"
+    if attempt.targets is not None:
+        head += f" (bulk of {attempt.targets})"
     answer = attempt.outcome + (f" {attempt.status}" if attempt.status is not None else "")
     reason = f" — {escape(attempt.reason)}" if attempt.reason else ""
     return f"{at} {head}: [bold]{escape(answer)}[/]{reason}"

@@ -38,19 +38,22 @@ def outcome_of(error: DynamicsError) -> str:
 
 @dataclass(slots=True)
 class AttemptLog:
-    """The failed calls of one claim (``claim``: the event's claim number, its ``attempts`` column)."""
+    """The failed calls of one claim (``claim``: the event's claim number, its ``attempts`` column),
+    numbered in the order they were made. A bulk call (Dataverse's UpsertMultiple) is noted in the log
+    of every certification it carried, with ``targets``: how many it carried."""
 
     claim: int | None = None
     entries: list[dict[str, object]] = field(default_factory=list)
 
-    def failed(self, attempt: int, at: datetime, error: DynamicsError) -> None:
-        self.entries.append(
-            {
-                "claim": self.claim,
-                "attempt": attempt,
-                "at": at.isoformat(),
-                "outcome": outcome_of(error),
-                "status": error.status,
-                "reason": error.reason,
-            }
-        )
+    def failed(self, at: datetime, error: DynamicsError, *, targets: int | None = None) -> None:
+        entry: dict[str, object] = {
+            "claim": self.claim,
+            "attempt": len(self.entries) + 1,
+            "at": at.isoformat(),
+            "outcome": outcome_of(error),
+            "status": error.status,
+            "reason": error.reason,
+        }
+        if targets is not None:
+            entry["targets"] = targets
+        self.entries.append(entry)

@@ -43,7 +43,8 @@ class Attempt:
     ``outcome``: ``delivered``, ``not_sent`` (outside the portal's organisation: no request),
     ``transient``, ``rate_limited``, ``unauthorised``, ``refused``; a replay's is the entry's status
     after it (``replayed``, ``pending``, ``requires_investigation``). ``status``: the HTTP status, when
-    the portal answered and certsync kept it (a failed call's; a success is any 2xx).
+    the portal answered and certsync kept it (a failed call's; a success is any 2xx). ``targets``: a
+    bulk call's (UpsertMultiple) number of certifications; a bulk call is refused or fails as a whole.
     """
 
     kind: Literal["delivery", "replay"]
@@ -54,6 +55,7 @@ class Attempt:
     claim: int | None = None
     attempt: int | None = None
     by: str | None = None
+    targets: int | None = None
 
     def to_json_dict(self) -> dict[str, Any]:
         return {
@@ -65,6 +67,7 @@ class Attempt:
             "claim": self.claim,
             "attempt": self.attempt,
             "by": self.by,
+            "targets": self.targets,
         }
 
 
@@ -307,6 +310,7 @@ def _change(event: EventRow, gone: bool, entry: QueueEntryRow | None) -> Change:
             reason=a.get("reason"),
             claim=a.get("claim"),
             attempt=a.get("attempt"),
+            targets=a.get("targets"),
         )
         for a in event.attempt_log
     ]

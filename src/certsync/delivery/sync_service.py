@@ -104,11 +104,13 @@ class _Operation:
 
 @dataclass(frozen=True, slots=True)
 class BulkItem:
-    """One certification of a bulk delivery: its upsert, its operation type and where its failure goes."""
+    """One certification of a bulk delivery: its upsert, its operation type, where its failure goes and
+    where each failed call that carried it is noted (its history)."""
 
     request: CertificationUpsert
     operation_type: str
     sink: FailureSink
+    attempts: AttemptLog | None = None
 
 
 @runtime_checkable
@@ -206,10 +208,14 @@ class HLFDynamicsSyncService:
             [item] = items
             return [
                 await self.deliver(
-                    item.request, operation_type=item.operation_type, sink=item.sink, when_open=when_open
+                    item.request,
+                    operation_type=item.operation_type,
+                    sink=item.sink,
+                    when_open=when_open,
+                    attempts=item.attempts,
                 )
             ]
-        operations = [_Operation(i.request, i.operation_type, i.sink, when_open) for i in items]
+        operations = [_Operation(i.request, i.operation_type, i.sink, when_open, i.attempts) for i in items]
         result = await self._retries.run(
             partial(self._attempt_bulk, self._portal, items, operations),
             context=lambda: {"operation": "bulk_upsert", "targets": len(operations)},
@@ -236,16 +242,16 @@ class HLFDynamicsSyncService:
             try:
                 await portal.upsert_many([item.request for item in items])
             except RateLimitedError as exc:
-                self._log_failed_bulk(len(operations), number, started, exc)
+                self._log_failed_bulk(operations, number, started, exc)
                 self._gate.pause_for(exc.retry_after or self._policy.base_delay, reason=exc.reason)
                 continue  # a pause, not a failure: the same attempt goes again once the gate opens
             except PermanentDynamicsError as exc:
                 await self._breaker.record_success()
-                self._log_failed_bulk(len(operations), number, started, exc)
+                self._log_failed_bulk(operations, number, started, exc)
                 return await self._split(items, exc, operations[0].when_open)
             except (TransientDynamicsError, AuthenticationError) as exc:
                 transition = await self._breaker.record_failure(exc.reason)
-                self._log_failed_bulk(len(operations), number, started, exc)
+                self._log_failed_bulk(operations, number, started, exc)
                 if transition is not None and transition.new is CircuitState.OPEN:
                     why = f"circuit opened after {number} attempt(s); last: {exc.reason}"
                     return [await self._record(operation, why, number) for operation in operations]
@@ -273,13 +279,19 @@ class HLFDynamicsSyncService:
     ) -> list[DeliveryOutcome]:
         return [await self._refused_by_circuit(op, exc, made=made, last=last) for op in operations]
 
-    def _log_failed_bulk(self, targets: int, attempt: int, started: datetime, error: DynamicsError) -> None:
-        duration_ms = round((self._clock.now() - started).total_seconds() * 1000, 1)
+    def _log_failed_bulk(
+        self, operations: Sequence[_Operation], attempt: int, started: datetime, error: DynamicsError
+    ) -> None:
+        now = self._clock.now()
+        duration_ms = round((now - started).total_seconds() * 1000, 1)
         self._instrumentation.emit(AttemptFailed(type(error).__name__))
+        for operation in operations:
+            if operation.attempts is not None:
+                operation.attempts.failed(now, error, targets=len(operations))
         log.warning(
             "dynamics_bulk_attempt",
             attempt=attempt,
-            targets=targets,
+            targets=len(operations),
             outcome=type(error).__name__,
             status=error.status,
             reason=error.reason,
@@ -419,7 +431,7 @@ class HLFDynamicsSyncService:
         duration_ms = round((self._clock.now() - started).total_seconds() * 1000, 1)
         self._instrumentation.emit(AttemptFailed(type(error).__name__))
         if operation.attempts is not None:
-            operation.attempts.failed(attempt, self._clock.now(), error)
+            operation.attempts.failed(self._clock.now(), error)
         log.warning(
             "dynamics_attempt",
             attempt=attempt,

@@ -51,6 +51,16 @@ class ClaimedEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class DeliveredClose:
+    """One delivered event to close: its claim, the claim's failed calls before the success (history),
+    and a detail (why no request was needed, for one outside the portal's organisation)."""
+
+    event: ClaimedEvent
+    attempt_log: Sequence[Mapping[str, Any]] = ()
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Claim:
     events: tuple[ClaimedEvent, ...]
     superseded: int
@@ -117,34 +127,23 @@ class Outbox:
     ) -> bool:
         """Close as delivered; False when the claim was lost (fenced: a newer claim owns the event).
         ``attempt_log``: the claim's failed calls before the success, appended in the same statement."""
-        rows = await fetch(
-            self._pool,
-            "mark_delivered",
-            {
-                "id": event.id,
-                "claim_token": event.claim_token,
-                "now": now,
-                "detail": detail,
-                "attempt_log": _log(attempt_log),
-            },
-        )
-        return bool(rows)
+        closed = await self.mark_delivered_many([DeliveredClose(event, attempt_log, detail)], now)
+        return event.id in closed
 
-    async def mark_delivered_many(
-        self, events: Iterable[ClaimedEvent], now: datetime, detail: str | None = None
-    ) -> set[UUID]:
+    async def mark_delivered_many(self, closes: Iterable[DeliveredClose], now: datetime) -> set[UUID]:
         """Close several events as delivered in one statement; the ids whose claim was still ours."""
-        closing = list(events)
+        closing = list(closes)
         if not closing:
             return set()
         rows = await fetch(
             self._pool,
             "mark_delivered_many",
             {
-                "ids": [e.id for e in closing],
-                "tokens": [e.claim_token for e in closing],
+                "ids": [c.event.id for c in closing],
+                "tokens": [c.event.claim_token for c in closing],
+                "details": [c.detail for c in closing],
+                "attempt_logs": [_log(c.attempt_log) for c in closing],
                 "now": now,
-                "detail": detail,
             },
         )
         return {r["id"] for r in rows}

@@ -93,20 +93,16 @@ from claimed k
 left join public.certifications c on c.id = k.certification_id
 order by k.occurred_at, k.id;
 
--- name: mark_delivered
--- %(attempt_log)s: this claim's failed calls before the one that succeeded (history), in this statement.
-update public.certification_sync_events
-set status = 'delivered', closed_at = %(now)s, claim_token = null, lease_until = null, detail = %(detail)s,
-    attempt_log = attempt_log || %(attempt_log)s::jsonb
-where id = %(id)s and claim_token = %(claim_token)s and status = 'in_flight'
-returning id;
-
 -- name: mark_delivered_many
--- A bulk delivery's events closed in one statement, each fenced by its own claim token: an event whose
--- claim was rescued meanwhile is left to the newer claim (and not returned).
+-- Delivered events closed in one statement (a bulk call's, or the single deliveries that finished while
+-- the previous close ran), each fenced by its own claim token: an event whose claim was rescued meanwhile
+-- is left to the newer claim (and not returned). Each row brings its own detail and its claim's failed
+-- calls before the one that succeeded (history), appended here: recording attempts costs no round trip.
 update public.certification_sync_events e
-set status = 'delivered', closed_at = %(now)s, claim_token = null, lease_until = null, detail = %(detail)s
-from unnest(%(ids)s::uuid[], %(tokens)s::uuid[]) as held(id, claim_token)
+set status = 'delivered', closed_at = %(now)s, claim_token = null, lease_until = null, detail = held.detail,
+    attempt_log = e.attempt_log || held.attempt_log
+from unnest(%(ids)s::uuid[], %(tokens)s::uuid[], %(details)s::text[], %(attempt_logs)s::jsonb[])
+       as held(id, claim_token, detail, attempt_log)
 where e.id = held.id and e.claim_token = held.claim_token and e.status = 'in_flight'
 returning e.id;
 
