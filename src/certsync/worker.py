@@ -40,7 +40,7 @@ from certsync.resilience.breaker import CircuitState
 from certsync.resilience.clock import Clock, Sleep
 from certsync.store.errors import DatabaseUnavailable
 from certsync.store.heartbeats import WorkerHeartbeats
-from certsync.store.outbox import ClaimedEvent, DeliveredClose, Outbox
+from certsync.store.outbox import ClaimedEvent, DeliveredClose, DeliveredCloser, Outbox
 from certsync.store.pool import Pool
 from certsync.store.retention import Retention
 from certsync.store.retry_queue import AutoReplayClaim
@@ -202,6 +202,8 @@ class SyncWorker:
     ) -> None:
         self._pool = pool
         self._outbox = outbox
+        # Delivered closes share statements (group commit): one round trip for many deliveries.
+        self._closer = DeliveredCloser(outbox)
         self._service = service
         self._clock = clock
         self._sleep = sleep
@@ -448,9 +450,7 @@ class SyncWorker:
                 attempts=sink.attempts,
             )
             if outcome.outcome is Outcome.DELIVERED:
-                if await self._outbox.mark_delivered(
-                    event, self._clock.now(), attempt_log=sink.attempts.entries
-                ):
+                if await self._closer.close(event, self._clock.now(), attempt_log=sink.attempts.entries):
                     self.stats.delivered += 1
                 else:
                     self._stale(event)
@@ -555,7 +555,7 @@ class SyncWorker:
     async def _not_this_portals(self, event: ClaimedEvent) -> None:
         """A mentor outside the portal's organisation whom this change cannot have unlisted: no
         request at all (the portal is not told about other organisations' mentors); closed as done."""
-        if await self._outbox.mark_delivered(event, self._clock.now(), detail=OUT_OF_SCOPE):
+        if await self._closer.close(event, self._clock.now(), detail=OUT_OF_SCOPE):
             self.stats.out_of_scope += 1
         else:
             self._stale(event)

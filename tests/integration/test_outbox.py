@@ -9,7 +9,8 @@ from uuid import UUID
 import psycopg
 import pytest
 
-from certsync.store.outbox import NOTIFY_CHANNEL, DeliveredClose, Outbox
+from certsync.store.errors import DatabaseUnavailable
+from certsync.store.outbox import NOTIFY_CHANNEL, DeliveredClose, DeliveredCloser, Outbox
 from certsync.store.pool import Pool, open_pool
 from certsync.store.retry_queue import NewRetryEntry
 from tests.support.seed import seed_certifications
@@ -202,6 +203,62 @@ async def test_each_closed_event_keeps_its_own_detail_and_failed_calls(pool: Poo
         rows = {r["id"]: (r["detail"], r["attempt_log"]) for r in await cur.fetchall()}
     assert rows[first.id] == (None, [call, {**call, "attempt": 2}])
     assert rows[second.id] == ("not sent", [])
+
+
+class CountingOutbox(Outbox):
+    """The real outbox, counting the close statements it runs (and failing the first ``fail`` of them)."""
+
+    def __init__(self, pool: Pool, worker_id: str, *, fail: int = 0) -> None:
+        super().__init__(pool, worker_id)
+        self.statements: list[int] = []
+        self._fail = fail
+
+    async def mark_delivered_many(self, closes, now):  # type: ignore[no-untyped-def]
+        closing = list(closes)
+        self.statements.append(len(closing))
+        if len(self.statements) <= self._fail:
+            await asyncio.sleep(0.01)
+            raise DatabaseUnavailable("connection lost while closing")
+        return await super().mark_delivered_many(closing, now)
+
+
+async def test_deliveries_finishing_together_share_close_statements_each_fenced(pool: Pool) -> None:
+    await seed_certifications(pool, 40)
+    outbox = CountingOutbox(pool, "worker-a")
+    claimed = (await outbox.claim(NOW, limit=40, lease_seconds=30)).events
+    # One of them was rescued and claimed by another worker: its close must answer False.
+    async with pool.connection() as conn:
+        await conn.execute(
+            "update public.certification_sync_events set claim_token = gen_random_uuid() where id = %s",
+            (claimed[7].id,),
+        )
+    closer = DeliveredCloser(outbox)
+
+    answers = await asyncio.gather(*(closer.close(event, NOW) for event in claimed))
+
+    assert answers == [event.id != claimed[7].id for event in claimed]
+    # All forty asked for before the first statement could start: one statement, not forty.
+    assert outbox.statements == [40]
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "select count(*) from public.certification_sync_events where status = 'delivered'"
+        )
+        assert (await cur.fetchone() or {}).get("count") == 39
+
+
+async def test_a_failed_close_statement_raises_in_every_delivery_it_carried_and_later_closes_work(
+    pool: Pool,
+) -> None:
+    await seed_certifications(pool, 5)
+    outbox = CountingOutbox(pool, "worker-a", fail=1)
+    claimed = (await outbox.claim(NOW, limit=5, lease_seconds=30)).events
+    closer = DeliveredCloser(outbox)
+
+    failed = await asyncio.gather(*(closer.close(e, NOW) for e in claimed), return_exceptions=True)
+    # Those of the failed statement stay in flight (as with a lost single close); a later close works.
+    assert [type(answer) for answer in failed] == [DatabaseUnavailable] * 5
+    assert await asyncio.gather(*(closer.close(e, NOW) for e in claimed)) == [True] * 5
+    assert outbox.statements == [5, 5]
 
 
 async def test_queueing_closes_the_event_and_writes_the_retry_row_together(pool: Pool) -> None:

@@ -226,6 +226,61 @@ def _log(attempt_log: Sequence[Mapping[str, Any]]) -> Jsonb:
     return Jsonb([dict(entry) for entry in attempt_log])
 
 
+class DeliveredCloser:
+    """Group commit for the worker's delivered closes: a close asked for while a statement runs joins
+    the next one, so N deliveries finishing together cost one round trip, not N (at a high delivery rate
+    the per-event close was the worker's largest database cost). Nothing waits on a timer: a lone close
+    goes at once. Each caller gets its own fenced answer (True: closed; False: the claim was lost), and
+    a statement that fails raises in every caller whose close it carried (their events stay in flight
+    until the lease ends, as with a single close)."""
+
+    def __init__(self, outbox: Outbox, *, max_batch: int = 500) -> None:
+        self._outbox = outbox
+        self._max_batch = max_batch
+        self._queued: list[tuple[DeliveredClose, datetime, asyncio.Future[bool]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def close(
+        self,
+        event: ClaimedEvent,
+        now: datetime,
+        *,
+        detail: str | None = None,
+        attempt_log: Sequence[Mapping[str, Any]] = (),
+    ) -> bool:
+        answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queued.append((DeliveredClose(event, tuple(attempt_log), detail), now, answer))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush(), name="outbox-delivered-closes")
+        return await answer
+
+    async def _flush(self) -> None:
+        batch: list[tuple[DeliveredClose, datetime, asyncio.Future[bool]]] = []
+        try:
+            while self._queued:
+                batch = self._queued[: self._max_batch]
+                del self._queued[: self._max_batch]
+                try:
+                    closed = await self._outbox.mark_delivered_many(
+                        [close for close, _, _ in batch], max(now for _, now, _ in batch)
+                    )
+                except Exception as exc:
+                    for _, _, answer in batch:
+                        if not answer.done():
+                            answer.set_exception(exc)
+                    continue
+                for close, _, answer in batch:
+                    if not answer.done():  # its delivery was cancelled meanwhile
+                        answer.set_result(close.event.id in closed)
+        finally:
+            self._flusher = None
+            # Left unanswered only when this task itself is cancelled (the event loop shutting down).
+            for _, _, answer in [*batch, *self._queued]:
+                if not answer.done():
+                    answer.cancel()
+            self._queued.clear()
+
+
 class OutboxListener:
     """Wakes the worker on ``pg_notify`` from the capture trigger, on a connection of its own.
 
