@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import select
+
 import psycopg
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
@@ -10,6 +12,28 @@ from psycopg_pool import AsyncConnectionPool
 from certsync.store.errors import DatabaseUnavailable, first_line
 
 Pool = AsyncConnectionPool[AsyncConnection[dict[str, object]]]
+Connection = AsyncConnection[dict[str, object]]
+
+
+async def check_unless_quiet(conn: Connection) -> None:
+    """The pool's check on checkout, made only when the connection's socket has something to say.
+
+    psycopg_pool's ``check_connection`` is a round trip per checkout: at a busy worker's rate that
+    was nearly one extra statement per delivered event. An idle connection in a pool has nothing to
+    read; one the server closed or terminated (a restart, ``pg_terminate_backend``) has its error
+    message or end-of-file waiting, so a zero-timeout poll of its socket tells the two apart without
+    a round trip (go-sql-driver/mysql checks its idle connections the same way). Only then is the
+    real check made, and a dead connection is replaced before anyone uses it.
+    """
+    if conn.closed or _readable(conn.pgconn.socket):
+        await AsyncConnectionPool.check_connection(conn)
+
+
+def _readable(fd: int) -> bool:
+    """Data, end-of-file or an error waiting on ``fd`` (poll, not select: no limit on the fd's number)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 async def open_pool(
@@ -31,11 +55,11 @@ async def open_pool(
         max_size=max_size,
         open=False,
         kwargs={"row_factory": dict_row, "autocommit": False},
-        connection_class=AsyncConnection[dict[str, object]],
+        connection_class=Connection,
         name="certsync",
-        # One round trip per checkout, but a connection killed by a database restart is replaced
-        # before anyone uses it, instead of failing the first statement of every pooled connection.
-        check=AsyncConnectionPool.check_connection,
+        # A connection killed by a database restart is replaced before anyone uses it, instead of
+        # failing the first statement of every pooled connection; a quiet one costs no round trip.
+        check=check_unless_quiet,
         # A checkout waits this long for a connection before the caller hears the database is down
         # (psycopg_pool's default of 30 s would hide a short outage from the worker's logs).
         timeout=connect_timeout,
