@@ -400,6 +400,20 @@ async def test_a_cached_store_notices_a_circuit_another_worker_opened_once_its_c
     assert denied.state is CircuitState.OPEN
 
 
+async def test_a_cached_stores_snapshot_is_the_clean_closed_state_only_within_its_cache(
+    pool: Pool, second_pool: Pool, clock: ManualClock
+) -> None:
+    cached = PostgresBreakerStore(pool, closed_cache_seconds=1.0)
+    await cached.record_success(NAME, clock.now)
+    await open_circuit(PostgresBreakerStore(second_pool), clock)
+
+    # What the worker reads before each claim: no query while it knows the breaker clean...
+    assert (await cached.snapshot(NAME, clock.now())).state is CircuitState.CLOSED
+    clock.advance(1.0)
+    # ...and the stored state once the cache lapses.
+    assert (await cached.snapshot(NAME, clock.now())).state is CircuitState.OPEN
+
+
 async def test_a_failure_recorded_by_the_cached_store_is_never_hidden_by_its_cache(
     pool: Pool, clock: ManualClock
 ) -> None:

@@ -34,7 +34,8 @@ class PostgresBreakerStore:
 
     ``closed_cache_seconds`` (0: off, every call asks the database) lets a process that has just seen
     the breaker closed and clean skip the two round trips a healthy delivery would otherwise cost
-    (``try_acquire`` and ``record_success``) for that long. The price: a circuit another worker opens
+    (``try_acquire`` and ``record_success``), and the snapshot the worker reads before each claim, for
+    that long. The price: a circuit another worker opens
     is noticed here up to that much later, and a success here does not reset another worker's fresh
     failure count during it. Any failure this process records drops the cache at once.
     """
@@ -49,6 +50,9 @@ class PostgresBreakerStore:
         return seen is not None and timedelta(0) <= now - seen < self._cache_for
 
     async def snapshot(self, name: str, now: datetime) -> BreakerSnapshot:
+        if self._fresh(name, now):
+            # Seen closed and clean within the cache window: what the worker asks before each claim.
+            return BreakerSnapshot(name)
         rows = await fetch(self._pool, "breaker_snapshot", {"name": name, "now": now})
         return snapshot_from_row(rows[0]) if rows else BreakerSnapshot(name)
 
