@@ -136,6 +136,10 @@ class WorkerOptions:
     retention_check_seconds: float = 300.0
     # Automatic replays claimed at one time (each also takes a delivery slot while it runs).
     auto_replay_batch: int = 4
+    # How often to look for expired claims, and for due automatic replays once a look found none.
+    # Both wait minutes (a lease, a replay schedule), so once a second is soon enough; looking at
+    # every claim cost two statements per claim at a high delivery rate.
+    housekeeping_check_seconds: float = 1.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -219,6 +223,8 @@ class SyncWorker:
         self._replays: set[asyncio.Task[None]] = set()
         self._retention = retention
         self._next_retention: datetime | None = None
+        self._next_rescue: datetime | None = None
+        self._next_auto_replay: datetime | None = None
         self._next_sweep_check: datetime | None = None
         self._failure: WorkerFailed | None = None
         self.stats = WorkerStats()
@@ -282,6 +288,7 @@ class SyncWorker:
 
     async def _deliver_until(self, stop: asyncio.Event, *, once: bool) -> None:
         outage_backoff = 0.5
+        last_look = False
         while not stop.is_set():
             # Every database call of an iteration sits inside this one ``try``: an outage met while
             # deciding how long to idle (the breaker snapshot) must be ridden out like one met while
@@ -290,8 +297,14 @@ class SyncWorker:
                 claimed = await self._tick()
                 if self._on_progress is not None:
                     self._on_progress(self.stats)
-                if once and claimed == 0 and not self._tasks and not self._replays:
-                    return
+                if claimed:
+                    last_look = False
+                elif once and not self._tasks and not self._replays:
+                    if last_look or self._next_auto_replay is None:
+                        return
+                    # Before leaving, one look for replays that fell due since the last (gated) one.
+                    self._next_auto_replay, last_look = None, True
+                    continue
                 idle: float | None = None
                 if claimed == 0 or self._free_slots() < self._claim_batch():
                     idle = await self._idle_seconds()
@@ -323,7 +336,9 @@ class SyncWorker:
         if self._options.sweep:
             await self._sweep_if_due(now)
         await self._retain_if_due(now)
-        self.stats.rescued += await self._outbox.rescue_expired(now)
+        if self._due(self._next_rescue, now):
+            self._next_rescue = now + timedelta(seconds=self._options.housekeeping_check_seconds)
+            self.stats.rescued += await self._outbox.rescue_expired(now)
         limit = await self._claim_limit(self._free_slots())
         if limit <= 0:
             return 0
@@ -338,7 +353,7 @@ class SyncWorker:
         for batch in batches:
             events = tuple(event for event, _ in batch)
             self._start(self._deliver_batch(batch), f"deliver-batch-{events[0].id}", events)
-        started = len(claim.events) + await self._start_auto_replays()
+        started = len(claim.events) + await self._start_auto_replays(now)
         if started == 0 and not self._tasks and not self._replays:
             await self._probe_if_due()
         return started
@@ -582,16 +597,23 @@ class SyncWorker:
         self.stats.expired_by_sweep += expired
         log.info("expiry_sweep", expired=expired, today=today.isoformat())
 
-    async def _start_auto_replays(self) -> int:
+    @staticmethod
+    def _due(next_check: datetime | None, now: datetime) -> bool:
+        return next_check is None or now >= next_check
+
+    async def _start_auto_replays(self, now: datetime) -> int:
         """Claim the pending retry-queue entries due for an automatic replay, as far as free slots and
-        the circuit allow (after this tick's outbox claim: when half-open, one probe in all)."""
-        if self._auto_replay is None:
+        the circuit allow (after this tick's outbox claim: when half-open, one probe in all). After a
+        look that found none, the next is ``housekeeping_check_seconds`` later."""
+        if self._auto_replay is None or not self._due(self._next_auto_replay, now):
             return 0
         wanted = min(self._free_slots(), self._options.auto_replay_batch)
         limit = await self._auto_replay.capacity(
             wanted, others_in_flight=len(self._tasks) + len(self._replays)
         )
         claims = await self._auto_replay.claim(limit)
+        if not claims and limit > 0:
+            self._next_auto_replay = now + timedelta(seconds=self._options.housekeeping_check_seconds)
         for claim in claims:
             task = asyncio.create_task(self._replay_entry(claim), name=f"auto-replay-{claim.id}")
             self._replays.add(task)
