@@ -23,6 +23,7 @@ from rich.table import Table
 
 from certsync import app as composition
 from certsync.cli._common import cli, err, fail, load_settings, out, progress_bar, run, sync_off_reason
+from certsync.cli._help import CertsyncTyper
 from certsync.delivery.queue import (
     QUEUE_STATUSES,
     ReplayResult,
@@ -32,7 +33,7 @@ from certsync.delivery.queue import (
 )
 from certsync.settings import Settings
 
-queue_cli = typer.Typer(
+queue_cli = CertsyncTyper(
     name="queue",
     help="The Dynamics retry queue: what could not be delivered, kept for replay or investigation.",
     no_args_is_help=True,
@@ -288,7 +289,7 @@ def show(
 def replay(
     entry_ids: Annotated[
         list[str] | None,
-        typer.Argument(metavar="[ID]...", help="Entries to replay (or --all).", show_default=False),
+        typer.Argument(metavar="ID", help="Entries to replay (or --all).", show_default=False),
     ] = None,
     replay_all: Annotated[
         bool, typer.Option("--all", help="Every entry with --status (default: pending), streamed.")
@@ -395,7 +396,7 @@ _DISCARD_WARNING = (
 
 @queue_cli.command()
 def discard(
-    entry_ids: Annotated[list[str], typer.Argument(metavar="ID...", help="Entries to discard.")],
+    entry_ids: Annotated[list[str], typer.Argument(metavar="ID", help="Entries to discard.")],
     reason: Annotated[str, typer.Option("--reason", help="Why: kept on each entry.", show_default=False)],
     by: ByOption = None,
     dry_run: DryRunOption = False,
