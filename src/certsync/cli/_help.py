@@ -15,10 +15,15 @@ parameters (the help option included, which Click adds late) through ``get_param
 one the matching class below: they only override how a parameter is shown and add no state.
 ``CertsyncTyper`` makes these the command and group classes of every app and command it declares.
 
+In Rich markup mode Typer keeps a docstring's line breaks (in the group's command list and in every
+paragraph after the first), so text wrapped for the source broke mid-sentence on the terminal. Each
+command's help is kept with every paragraph on one line, which Rich wraps to the terminal's width; a
+paragraph marked ``\\b`` keeps its lines, as in Click.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from enum import Enum
 from pathlib import PurePath
@@ -101,12 +106,30 @@ def _shown_as_certsync(params: list[Parameter]) -> list[Parameter]:
     return params
 
 
+def _reflowed(help_text: str | None) -> str | None:
+    """Every paragraph of ``help_text`` on one line (but one marked ``\\b``); what follows ``\\f``, which
+    help never shows, as it is."""
+    if not help_text:
+        return help_text
+    shown, mark, hidden = inspect.cleandoc(help_text).partition("\f")
+    paragraphs = shown.split("\n\n")
+    return "\n\n".join(p if p.startswith("\b") else " ".join(p.split()) for p in paragraphs) + mark + hidden
+
+
 class CertsyncCommand(TyperCommand):
+    def __init__(self, name: str | None, **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
+        self.help = _reflowed(self.help)
+
     def get_params(self, ctx: Context) -> list[Parameter]:
         return _shown_as_certsync(super().get_params(ctx))
 
 
 class CertsyncGroup(TyperGroup):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.help = _reflowed(self.help)
+
     def get_params(self, ctx: Context) -> list[Parameter]:
         return _shown_as_certsync(super().get_params(ctx))
 
