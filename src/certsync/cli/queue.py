@@ -49,12 +49,18 @@ _STATUS_COLOURS = {
 }
 
 StatusOption = Annotated[
-    str | None, typer.Option("--status", help=f"One of: {', '.join(QUEUE_STATUSES)}.", show_default=False)
+    str | None,
+    typer.Option(
+        "--status", metavar="STATUS", help=f"One of: {', '.join(QUEUE_STATUSES)}.", show_default=False
+    ),
 ]
 ByOption = Annotated[
     str | None,
     typer.Option(
-        "--by", help="Who is acting, recorded on each entry (default: the OS user).", show_default=False
+        "--by",
+        metavar="NAME",
+        help="Who is acting, recorded on each entry (default: the OS user).",
+        show_default=False,
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
@@ -194,12 +200,19 @@ def list_entries(
     status: StatusOption = None,
     operation_type: Annotated[
         str | None,
-        typer.Option(help="e.g. certification.status_changed, certification.created.", show_default=False),
+        typer.Option(
+            metavar="TYPE",
+            help="e.g. certification.status_changed, certification.created.",
+            show_default=False,
+        ),
     ] = None,
     certification: Annotated[
-        str | None, typer.Option(help="Only this certification's entries (its id).", show_default=False)
+        str | None,
+        typer.Option(metavar="ID", help="Only this certification's entries (its id).", show_default=False),
     ] = None,
-    limit: Annotated[int, typer.Option(help="At most this many entries; 0 lists them all.")] = 50,
+    limit: Annotated[
+        int, typer.Option(metavar="N", help="At most this many entries; 0 lists them all.")
+    ] = 50,
     as_json: JsonOption = False,
 ) -> None:
     """The retry queue, newest first."""

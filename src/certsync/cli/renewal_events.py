@@ -37,7 +37,9 @@ _MIGRATE_HELP = "\n\n".join(
 def migrate(
     batch_size: Annotated[
         int,
-        typer.Option("--batch-size", min=1, help="Certifications per batch (one short transaction each)."),
+        typer.Option(
+            "--batch-size", metavar="N", min=1, help="Certifications per batch (one short transaction each)."
+        ),
     ] = renewal_events.DEFAULT_BATCH_SIZE,
     restart: Annotated[
         bool,
