@@ -3,6 +3,9 @@ file names accepted, the same table, one statement per element of ``statements``
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import psycopg
@@ -167,6 +170,33 @@ async def test_certsync_migrate_says_each_step_once_when_piped(empty_database: s
         assert result.stdout.count(name) == 1
     assert not any(m.version in result.stderr for m in load_migrations()), result.stderr
     assert "shims" not in result.stderr
+
+
+@pytest.mark.parametrize("log_format", [None, "json", "console"])
+def test_certsync_migrate_2_to_1_piped_names_each_migration_once(
+    empty_database: str, tmp_path: Path, log_format: str | None
+) -> None:
+    # Issue 15 as reported, `certsync migrate 2>&1 | cat`: a real process, its stdout a pipe and its
+    # stderr the same pipe, the log format left to its default (chosen by whether stdout is a terminal)
+    # or set. A log line per step would name each migration's version a second time.
+    env = {name: value for name, value in os.environ.items() if not name.startswith("CERTSYNC_")}
+    env |= {"CERTSYNC_DATABASE_URL": empty_database, "CERTSYNC_LOG_LEVEL": "info"}
+    if log_format is not None:
+        env["CERTSYNC_LOG_FORMAT"] = log_format
+    run = subprocess.run(
+        [sys.executable, "-m", "certsync", "migrate"],
+        env=env,
+        cwd=tmp_path,  # no stray .env
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout
+    for migration in load_migrations():
+        assert run.stdout.count(migration.version) == 1, run.stdout
+    assert run.stdout.count("shims") == 1, run.stdout
 
 
 async def test_shims_provide_supabase_auth_functions(empty_database: str) -> None:

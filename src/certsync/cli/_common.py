@@ -18,8 +18,8 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from typer.core import TyperGroup
 
+from certsync.cli._help import CertsyncGroup, CertsyncTyper
 from certsync.errors import CertsyncError
 from certsync.logs import configure_logging
 from certsync.settings import Settings
@@ -45,7 +45,7 @@ def fail(code: int, message: str) -> NoReturn:
     raise typer.Exit(code)
 
 
-class _CertsyncGroup(TyperGroup):
+class _CertsyncGroup(CertsyncGroup):
     """The root group: a usage error (bad option value, missing argument) is one line, exit 2."""
 
     def main(
@@ -74,7 +74,7 @@ class _CertsyncGroup(TyperGroup):
         sys.exit(result if isinstance(result, int) else 0)
 
 
-cli = typer.Typer(
+cli = CertsyncTyper(
     name="certsync",
     cls=_CertsyncGroup,
     help="Keeps HLF peer-mentor certifications true on the Dynamics portal.",

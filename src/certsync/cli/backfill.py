@@ -35,7 +35,7 @@ def backfill(
     ids: Annotated[
         list[str] | None,
         typer.Argument(
-            metavar="[ID]...", help="More certification ids, after --certification.", show_default=False
+            metavar="ID", help="More certification ids, after --certification.", show_default=False
         ),
     ] = None,
     everything: Annotated[bool, typer.Option("--all", help="Every certification.")] = False,

@@ -12,8 +12,9 @@ from rich.table import Table
 
 from certsync import app as composition
 from certsync.cli._common import cli, load_settings, out, run
+from certsync.cli._help import CertsyncTyper
 
-breaker_cli = typer.Typer(
+breaker_cli = CertsyncTyper(
     name="breaker", help="The circuit breaker every worker shares.", no_args_is_help=True
 )
 cli.add_typer(breaker_cli)

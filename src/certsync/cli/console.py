@@ -13,8 +13,8 @@ from certsync.serving import serve
 
 @cli.command()
 def console(
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 8080,
+    host: Annotated[str, typer.Option(metavar="HOST", help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(metavar="PORT", help="Port to listen on.", min=1, max=65535)] = 8080,
 ) -> None:
     """Run the operator web console and its JSON API (/api/docs) and /metrics."""
     settings = load_settings()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import typer
 from rich.markup import escape
 
 from certsync import app as composition
 from certsync.cli._common import cli, err, fail, load_settings, out, run
+from certsync.cli._help import CertsyncTyper
 
-contract_cli = typer.Typer(
+contract_cli = CertsyncTyper(
     name="contract", help="The wire contract with the Dynamics portal.", no_args_is_help=True
 )
 cli.add_typer(contract_cli)

@@ -49,7 +49,10 @@ def history(
     mentor: Annotated[
         str | None,
         typer.Option(
-            "--mentor", help="A peer mentor's id: the histories of their certifications.", show_default=False
+            "--mentor",
+            metavar="ID",
+            help="A peer mentor's id: the histories of their certifications.",
+            show_default=False,
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,

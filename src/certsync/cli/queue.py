@@ -23,6 +23,7 @@ from rich.table import Table
 
 from certsync import app as composition
 from certsync.cli._common import cli, err, fail, load_settings, out, progress_bar, run, sync_off_reason
+from certsync.cli._help import CertsyncTyper
 from certsync.delivery.queue import (
     QUEUE_STATUSES,
     ReplayResult,
@@ -32,7 +33,7 @@ from certsync.delivery.queue import (
 )
 from certsync.settings import Settings
 
-queue_cli = typer.Typer(
+queue_cli = CertsyncTyper(
     name="queue",
     help="The Dynamics retry queue: what could not be delivered, kept for replay or investigation.",
     no_args_is_help=True,
@@ -48,12 +49,18 @@ _STATUS_COLOURS = {
 }
 
 StatusOption = Annotated[
-    str | None, typer.Option("--status", help=f"One of: {', '.join(QUEUE_STATUSES)}.", show_default=False)
+    str | None,
+    typer.Option(
+        "--status", metavar="STATUS", help=f"One of: {', '.join(QUEUE_STATUSES)}.", show_default=False
+    ),
 ]
 ByOption = Annotated[
     str | None,
     typer.Option(
-        "--by", help="Who is acting, recorded on each entry (default: the OS user).", show_default=False
+        "--by",
+        metavar="NAME",
+        help="Who is acting, recorded on each entry (default: the OS user).",
+        show_default=False,
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
@@ -193,12 +200,19 @@ def list_entries(
     status: StatusOption = None,
     operation_type: Annotated[
         str | None,
-        typer.Option(help="e.g. certification.status_changed, certification.created.", show_default=False),
+        typer.Option(
+            metavar="TYPE",
+            help="e.g. certification.status_changed, certification.created.",
+            show_default=False,
+        ),
     ] = None,
     certification: Annotated[
-        str | None, typer.Option(help="Only this certification's entries (its id).", show_default=False)
+        str | None,
+        typer.Option(metavar="ID", help="Only this certification's entries (its id).", show_default=False),
     ] = None,
-    limit: Annotated[int, typer.Option(help="At most this many entries; 0 lists them all.")] = 50,
+    limit: Annotated[
+        int, typer.Option(metavar="N", help="At most this many entries; 0 lists them all.")
+    ] = 50,
     as_json: JsonOption = False,
 ) -> None:
     """The retry queue, newest first."""
@@ -288,7 +302,7 @@ def show(
 def replay(
     entry_ids: Annotated[
         list[str] | None,
-        typer.Argument(metavar="[ID]...", help="Entries to replay (or --all).", show_default=False),
+        typer.Argument(metavar="ID", help="Entries to replay (or --all).", show_default=False),
     ] = None,
     replay_all: Annotated[
         bool, typer.Option("--all", help="Every entry with --status (default: pending), streamed.")
@@ -395,7 +409,7 @@ _DISCARD_WARNING = (
 
 @queue_cli.command()
 def discard(
-    entry_ids: Annotated[list[str], typer.Argument(metavar="ID...", help="Entries to discard.")],
+    entry_ids: Annotated[list[str], typer.Argument(metavar="ID", help="Entries to discard.")],
     reason: Annotated[str, typer.Option("--reason", help="Why: kept on each entry.", show_default=False)],
     by: ByOption = None,
     dry_run: DryRunOption = False,

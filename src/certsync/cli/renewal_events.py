@@ -9,8 +9,9 @@ import typer
 from certsync import app as composition
 from certsync.app import renewal_events
 from certsync.cli._common import cli, fail, load_settings, out, progress_bar, run
+from certsync.cli._help import CertsyncTyper
 
-renewal_events_cli = typer.Typer(
+renewal_events_cli = CertsyncTyper(
     name="renewal-events",
     help="The normalised renewal history: certification_renewal_events, one row per renewal entry.",
     no_args_is_help=True,
@@ -36,7 +37,9 @@ _MIGRATE_HELP = "\n\n".join(
 def migrate(
     batch_size: Annotated[
         int,
-        typer.Option("--batch-size", min=1, help="Certifications per batch (one short transaction each)."),
+        typer.Option(
+            "--batch-size", metavar="N", min=1, help="Certifications per batch (one short transaction each)."
+        ),
     ] = renewal_events.DEFAULT_BATCH_SIZE,
     restart: Annotated[
         bool,

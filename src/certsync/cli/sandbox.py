@@ -61,8 +61,8 @@ def _contract_versions(text: str) -> tuple[int, ...]:
 
 @cli.command()
 def sandbox(
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on; 0 picks a free one.")] = 8765,
+    host: Annotated[str, typer.Option(metavar="HOST", help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(metavar="PORT", help="Port to listen on; 0 picks a free one.")] = 8765,
     fail_steps: Annotated[
         list[str] | None,
         typer.Option(

@@ -75,11 +75,16 @@ def worker(
         bool, typer.Option("--once", help="Deliver everything due now (with its retries), then exit.")
     ] = False,
     concurrency: Annotated[
-        int, typer.Option(help="Certifications delivered at the same time (Dynamics allows 52 per user).")
+        int,
+        typer.Option(
+            metavar="N", help="Certifications delivered at the same time (Dynamics allows 52 per user)."
+        ),
     ] = WorkerOptions().concurrency,
     metrics_port: Annotated[
         int | None,
-        typer.Option(help="Serve Prometheus metrics on this port (0.0.0.0) while the worker runs."),
+        typer.Option(
+            metavar="PORT", help="Serve Prometheus metrics on this port (0.0.0.0) while the worker runs."
+        ),
     ] = None,
 ) -> None:
     """Deliver certification status changes to Dynamics until SIGTERM/SIGINT (graceful)."""
