@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 import psycopg
@@ -206,6 +206,7 @@ async def _expected_listing(runtime: Runtime, today: date) -> set[str]:
 
 
 Step = Callable[[str], None]
+DemoApi = Literal["contract-v1", "dataverse"]
 
 
 async def run_demo(settings: Settings, log_dir: Path, step: Step) -> DemoReport:
@@ -224,23 +225,7 @@ async def run_demo(settings: Settings, log_dir: Path, step: Step) -> DemoReport:
         report.database_url = demo_url
         async with await psycopg.AsyncConnection.connect(demo_url) as conn:
             await migrate(conn)
-
-        step("Starting the local Dynamics sandbox")
-        with SandboxServer(SandboxConfig()) as portal:
-            demo_settings = settings.model_copy(
-                update={
-                    "database_url": demo_url,
-                    "dynamics_base_url": portal.url,
-                    "dynamics_sync_enabled": True,
-                    "dynamics_token": settings.dynamics_token or _secret(DEFAULT_TOKEN),
-                    "dynamics_token_url": None,
-                    "dynamics_signing_secret": None,
-                    "retry_base_delay": RETRY_BASE_DELAY,
-                    "breaker_cooldown": BREAKER_COOLDOWN,
-                }
-            )
-            await _phases(demo_settings, portal, report, step)
-            report.portal_requests = sum(1 for r in portal.sandbox.requests() if r.method == "PUT")
+        await _contract_v1_demo(settings, demo_url, report, step)
     finally:
         report.seconds = loop.time() - started
         structlog.configure(**previous_logging)
@@ -248,8 +233,39 @@ async def run_demo(settings: Settings, log_dir: Path, step: Step) -> DemoReport:
     return report
 
 
+def demo_settings(settings: Settings, database_url: str, portal_url: str, api: DemoApi) -> Settings:
+    """The settings the demo runs with: its own database and local portal, whatever the environment
+    says about a real one (its wire, table names, organisation scope and Entra ID sign-in included)."""
+    defaults = Settings.model_fields
+    return settings.model_copy(
+        update={
+            "database_url": database_url,
+            "dynamics_api": api,
+            "dynamics_base_url": portal_url,
+            "dynamics_sync_enabled": True,
+            "dynamics_token": settings.dynamics_token or _secret(DEFAULT_TOKEN),
+            "dynamics_token_url": None,
+            "dynamics_tenant_id": None,
+            "dynamics_client_certificate": None,
+            "dynamics_signing_secret": None,
+            "dynamics_organisation_id": None,
+            "dataverse_table": defaults["dataverse_table"].default,
+            "dataverse_entity_set": defaults["dataverse_entity_set"].default,
+            "retry_base_delay": RETRY_BASE_DELAY,
+            "breaker_cooldown": BREAKER_COOLDOWN,
+        }
+    )
+
+
 def _secret(value: str) -> SecretStr:
     return SecretStr(value)
+
+
+async def _contract_v1_demo(settings: Settings, database_url: str, report: DemoReport, step: Step) -> None:
+    step("Starting the local Dynamics sandbox")
+    with SandboxServer(SandboxConfig()) as portal:
+        await _phases(demo_settings(settings, database_url, portal.url, "contract-v1"), portal, report, step)
+        report.portal_requests = sum(1 for r in portal.sandbox.requests() if r.method == "PUT")
 
 
 async def _phases(settings: Settings, portal: SandboxServer, report: DemoReport, step: Step) -> None:
