@@ -22,6 +22,7 @@ from certsync.demo import (
     RETRY_BASE_DELAY,
     DemoApi,
     DemoReport,
+    bulk_calls,
     run_demo,
     transitions_summary,
 )
@@ -59,8 +60,8 @@ def demo(
         story = (
             f"certsync demo — sample data and a mass expiry of {COHORT} certifications into the Dataverse"
             " Web API emulator:\n"
-            f"UpsertMultiple in calls of {settings.dataverse_batch_size} (CERTSYNC_DATAVERSE_BATCH_SIZE),"
-            " service protection's 429s, a row a plug-in refuses, a DELETE, and a reconcile."
+            f"Changes go {bulk_calls(settings.dataverse_batch_size)}; service protection's 429s, a row"
+            " a plug-in refuses, a DELETE, and a reconcile."
         )
     else:
         story = "certsync demo — sample data through a scripted Dynamics outage."
@@ -144,7 +145,7 @@ def _dataverse_summary(report: DemoReport) -> None:
             ("UpsertMultiple calls accepted", len(targets)),
             (
                 "targets per accepted call",
-                f"up to {max(targets, default=0)} ({sum(targets)} in {len(targets)} calls)",
+                f"up to {max(targets)} ({sum(targets)} in {len(targets)} calls)" if targets else "none",
             ),
             ("UpsertMultiple calls refused whole (400), then split", report.bulk_refused),
             ("single PATCHes (one change, or a row on its own)", report.single_writes),
