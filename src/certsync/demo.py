@@ -484,7 +484,7 @@ def _count_dataverse_requests(requests: list[DataverseRequest], report: DemoRepo
         elif request.method == "POST" and request.targets is not None:
             if request.status == 200:
                 report.bulk_targets.append(request.targets)
-            else:
+            elif request.status is not None and 400 <= request.status < 500:
                 report.bulk_refused += 1
         elif request.method == "PATCH":
             report.single_writes += 1

@@ -37,9 +37,9 @@ def demo(
     api: Annotated[
         str | None,
         typer.Option(
-            help="The wire: 'contract-v1' (the sandbox, the default) or 'dataverse' (the Dataverse Web API"
-            " emulator: bulk UpsertMultiple, service protection, a refused row, reconcile)."
-            " Default: CERTSYNC_DYNAMICS_API."
+            help="The wire: 'contract-v1' (the sandbox) or 'dataverse' (the Dataverse Web API emulator:"
+            " bulk UpsertMultiple, service protection, a refused row, reconcile). Default:"
+            " CERTSYNC_DYNAMICS_API, itself contract-v1 unless set."
         ),
     ] = None,
 ) -> None:
@@ -147,7 +147,7 @@ def _dataverse_summary(report: DemoReport) -> None:
                 "targets per accepted call",
                 f"up to {max(targets)} ({sum(targets)} in {len(targets)} calls)" if targets else "none",
             ),
-            ("UpsertMultiple calls refused whole (400), then split", report.bulk_refused),
+            ("UpsertMultiple calls refused whole (4xx), then split", report.bulk_refused),
             ("single PATCHes (one change, or a row on its own)", report.single_writes),
             ("DELETEs", report.deletes),
             ("429s from service protection (sending paused)", report.rate_limited),
