@@ -5,6 +5,11 @@ real data is never touched), the local Dynamics sandbox on a free port, two orga
 data, an expiry sweep, and the worker through a scripted outage: retries, the circuit opening,
 changes waiting in the outbox, a half-open probe, recovery, a 429, a 4xx for investigation, and a
 manual replay. Delays are compressed (retry base 0.2 s, cool-down 2 s) so it finishes quickly.
+
+``api="dataverse"`` (``certsync demo --api dataverse``) runs the Dataverse Web API emulator instead:
+the sample data and a cohort's mass expiry in UpsertMultiple calls, service protection's 429s that
+pause sending without touching the circuit, a row a plug-in refuses split out of its bulk call for
+investigation and replayed once fixed, a PATCH, a DELETE, and a reconcile over the OData read.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 import psycopg
@@ -26,6 +31,7 @@ from pydantic import SecretStr
 
 from certsync.app import Runtime, open_runtime, resolve_database_url
 from certsync.resilience.instrumentation import CircuitTransitioned, DeliveryEvent, RetryScheduled
+from certsync.sandbox.dataverse_state import DataverseConfig, DataverseEmulator, DataverseRequest
 from certsync.sandbox.faults import FaultScript, FaultStep
 from certsync.sandbox.server import SandboxServer
 from certsync.sandbox.state import DEFAULT_TOKEN, SandboxConfig
@@ -58,11 +64,21 @@ _MENTORS = [
     ("Jonas Lund", ["Haugesund"], 500),
 ]
 
+# Dataverse: a cohort whose certifications all ended on the same day, so that the sweep's expiries need
+# several UpsertMultiple calls; service protection's 429s come as many as the circuit's threshold (at
+# most MAX_RATE_LIMITED of them, each a pause of RATE_LIMIT_RETRY_AFTER, to stay well under a minute).
+COHORT = 300
+RATE_LIMIT_RETRY_AFTER = 1
+MAX_RATE_LIMITED = 5
+
+DemoApi = Literal["contract-v1", "dataverse"]
+
 
 @dataclass(slots=True)
 class DemoReport:
     """What the demo did, for the summary table."""
 
+    api: DemoApi = "contract-v1"
     delivered: int = 0
     retries: int = 0
     queued_pending: int = 0
@@ -78,6 +94,25 @@ class DemoReport:
     database_url: str = ""
     log_file: str = ""
     seconds: float = 0.0
+    # Dataverse (--api dataverse): what the emulator's request log says, and the closing reconcile.
+    bulk_targets: list[int] = field(default_factory=list)
+    bulk_refused: int = 0
+    single_writes: int = 0
+    deletes: int = 0
+    rate_limited: int = 0
+    investigated: list[str] = field(default_factory=list)
+    reconcile_read: int = 0
+    reconcile_mismatches: int | None = None
+    portal: SandboxServer | None = field(default=None, repr=False)
+    """The local portal the demo ran against, stopped, with its state and request log (for tests)."""
+
+    @property
+    def succeeded(self) -> bool:
+        """Whether the portal ends as the database says: the listing (contract v1), a clean
+        reconcile (Dataverse)."""
+        if self.api == "dataverse":
+            return self.reconcile_mismatches == 0
+        return self.listing_matches_database
 
     def observe(self, event: DeliveryEvent) -> None:
         """The demo's own instrumentation hook: counts retries, records circuit transitions."""
@@ -208,9 +243,14 @@ async def _expected_listing(runtime: Runtime, today: date) -> set[str]:
 Step = Callable[[str], None]
 
 
-async def run_demo(settings: Settings, log_dir: Path, step: Step) -> DemoReport:
-    """Run every phase; ``step`` is told what is happening (the CLI shows it as progress)."""
-    report = DemoReport()
+async def run_demo(
+    settings: Settings, log_dir: Path, step: Step, *, api: DemoApi | None = None
+) -> DemoReport:
+    """Run every phase; ``step`` is told what is happening (the CLI shows it as progress).
+
+    ``api``: the wire the demo's local portal speaks, contract v1's sandbox or the Dataverse emulator
+    (default: ``CERTSYNC_DYNAMICS_API``)."""
+    report = DemoReport(api=api or settings.dynamics_api)
     log_file = log_dir / "certsync-demo.log"
     await asyncio.to_thread(log_dir.mkdir, parents=True, exist_ok=True)
     report.log_file = str(log_file)
@@ -224,23 +264,10 @@ async def run_demo(settings: Settings, log_dir: Path, step: Step) -> DemoReport:
         report.database_url = demo_url
         async with await psycopg.AsyncConnection.connect(demo_url) as conn:
             await migrate(conn)
-
-        step("Starting the local Dynamics sandbox")
-        with SandboxServer(SandboxConfig()) as portal:
-            demo_settings = settings.model_copy(
-                update={
-                    "database_url": demo_url,
-                    "dynamics_base_url": portal.url,
-                    "dynamics_sync_enabled": True,
-                    "dynamics_token": settings.dynamics_token or _secret(DEFAULT_TOKEN),
-                    "dynamics_token_url": None,
-                    "dynamics_signing_secret": None,
-                    "retry_base_delay": RETRY_BASE_DELAY,
-                    "breaker_cooldown": BREAKER_COOLDOWN,
-                }
-            )
-            await _phases(demo_settings, portal, report, step)
-            report.portal_requests = sum(1 for r in portal.sandbox.requests() if r.method == "PUT")
+        if report.api == "dataverse":
+            await _dataverse_demo(settings, demo_url, report, step)
+        else:
+            await _contract_v1_demo(settings, demo_url, report, step)
     finally:
         report.seconds = loop.time() - started
         structlog.configure(**previous_logging)
@@ -248,8 +275,40 @@ async def run_demo(settings: Settings, log_dir: Path, step: Step) -> DemoReport:
     return report
 
 
+def demo_settings(settings: Settings, database_url: str, portal_url: str, api: DemoApi) -> Settings:
+    """The settings the demo runs with: its own database and local portal, whatever the environment
+    says about a real one (its wire, table names, organisation scope and Entra ID sign-in included)."""
+    defaults = Settings.model_fields
+    return settings.model_copy(
+        update={
+            "database_url": database_url,
+            "dynamics_api": api,
+            "dynamics_base_url": portal_url,
+            "dynamics_sync_enabled": True,
+            "dynamics_token": settings.dynamics_token or _secret(DEFAULT_TOKEN),
+            "dynamics_token_url": None,
+            "dynamics_tenant_id": None,
+            "dynamics_client_certificate": None,
+            "dynamics_signing_secret": None,
+            "dynamics_organisation_id": None,
+            "dataverse_table": defaults["dataverse_table"].default,
+            "dataverse_entity_set": defaults["dataverse_entity_set"].default,
+            "retry_base_delay": RETRY_BASE_DELAY,
+            "breaker_cooldown": BREAKER_COOLDOWN,
+        }
+    )
+
+
 def _secret(value: str) -> SecretStr:
     return SecretStr(value)
+
+
+async def _contract_v1_demo(settings: Settings, database_url: str, report: DemoReport, step: Step) -> None:
+    step("Starting the local Dynamics sandbox")
+    with SandboxServer(SandboxConfig()) as portal:
+        report.portal = portal
+        await _phases(demo_settings(settings, database_url, portal.url, "contract-v1"), portal, report, step)
+        report.portal_requests = sum(1 for r in portal.sandbox.requests() if r.method == "PUT")
 
 
 async def _phases(settings: Settings, portal: SandboxServer, report: DemoReport, step: Step) -> None:
@@ -303,6 +362,134 @@ async def _phases(settings: Settings, portal: SandboxServer, report: DemoReport,
         listed = set(portal.sandbox.public_listing())
         report.listing_after = await _listing_names(runtime, sorted(listed))
         report.listing_matches_database = listed == await _expected_listing(runtime, today)
+
+
+async def _dataverse_demo(settings: Settings, database_url: str, report: DemoReport, step: Step) -> None:
+    step("Starting the local Dataverse Web API emulator")
+    with SandboxServer(DataverseConfig()) as portal:
+        report.portal = portal
+        try:
+            await _dataverse_phases(
+                demo_settings(settings, database_url, portal.url, "dataverse"), portal.dataverse, report, step
+            )
+        finally:
+            _count_dataverse_requests(portal.dataverse.requests(), report)
+
+
+async def _dataverse_phases(
+    settings: Settings, emulator: DataverseEmulator, report: DemoReport, step: Step
+) -> None:
+    options = WorkerOptions(concurrency=2, poll_seconds=0.2, heartbeat_seconds=1.0, sweep=False)
+    batch = settings.dataverse_batch_size
+    pauses = min(settings.breaker_failure_threshold, MAX_RATE_LIMITED)
+    async with open_runtime(settings) as runtime:
+        runtime.instrumentation.add(report.observe)
+        today = runtime.clock.now().astimezone(settings.zone).date()
+        step(
+            f"Loading two organisations, ten mentors and a cohort of {COHORT} whose certifications ended"
+            " yesterday"
+        )
+        certs = await _seed(runtime, today)
+        cohort = await _seed_cohort(runtime, today, COHORT)
+
+        step(
+            f"Delivering them {bulk_calls(batch)}; service protection answers {pauses} × 429,"
+            f" Retry-After {RATE_LIMIT_RETRY_AFTER} s: sending pauses, no failure counts"
+        )
+        emulator.load_faults(
+            FaultScript(
+                steps=(
+                    FaultStep(status=429, retry_after=RATE_LIMIT_RETRY_AFTER, times=pauses, scope="write"),
+                )
+            )
+        )
+        report.add(await runtime.worker(options, listen=False).run(once=True))
+        emulator.load_faults(FaultScript())
+
+        refused = cohort[len(cohort) // 2]
+        step("The sweep expires the cohort at once; a Dataverse plug-in refuses one of its rows")
+        emulator.set_refused([str(refused)])
+        report.expired = await expire_due(runtime.pool, today)
+        report.add(await runtime.worker(options, listen=False).run(once=True))
+        report.investigated = [
+            str(entry.certification_id)
+            for entry in await runtime.queue.list_entries(status="requires_investigation")
+        ]
+
+        step("The plug-in is fixed; the refused row is replayed from the retry queue")
+        emulator.set_refused([])
+        summary = await runtime.replay_service().replay_all(status="requires_investigation", by="demo")
+        report.replayed += summary.results.get("replayed", 0)
+
+        step("One renewal (a single PATCH) and one certification deleted (DELETE)")
+        await runtime.certifications().renew(
+            certs["Nora Strand"], new_valid_until=today + timedelta(days=730), renewed_by=certs["Nora Strand"]
+        )
+        async with runtime.pool.connection() as conn:
+            await conn.execute("delete from certifications where id = %s", (certs["Maja Vik"],))
+        report.add(await runtime.worker(options, listen=False).run(once=True))
+
+        step("Reconciling: the table read back through OData paging, compared with the database")
+        reconciled = await runtime.reconciler().reconcile(repair=False, started_by="demo")
+        report.reconcile_read = reconciled.portal_held
+        report.reconcile_mismatches = len(reconciled.mismatches)
+
+
+async def _seed_cohort(runtime: Runtime, today: date, size: int) -> list[UUID]:
+    """``size`` fictional mentors in one chapter, each with a certification that ended yesterday (still
+    active until the sweep)."""
+    async with runtime.pool.connection() as conn, conn.transaction():
+        # Memberships first, then the certifications: each certification is captured once, as created.
+        cur = await conn.execute(
+            """
+            with numbered as (
+                select gen_random_uuid() as user_id, n from generate_series(1, %s) as n
+            ), users as (
+                insert into auth.users (id, email)
+                select user_id, format('cohort%%s@example.org', n) from numbered returning id
+            ), mentors as (
+                insert into peer_mentors (user_id, display_name)
+                select id, format('Cohort mentor %%s', n) from users join numbered on user_id = id
+                returning id, user_id
+            ), memberships as (
+                insert into chapter_memberships (user_id, chapter_id, role)
+                select user_id, (select id from chapters where name = 'Bergen'), 'peer_mentor' from mentors
+            )
+            select id from mentors
+            """,
+            (size,),
+        )
+        mentors = [row["id"] for row in await cur.fetchall()]
+        cur = await conn.execute(
+            "insert into certifications (peer_mentor_id, valid_from, valid_until)"
+            " select unnest(%s::uuid[]), %s, %s returning id",
+            (mentors, today - timedelta(days=365), today - timedelta(days=1)),
+        )
+        return sorted(UUID(str(row["id"])) for row in await cur.fetchall())
+
+
+def bulk_calls(batch_size: int) -> str:
+    """How ``CERTSYNC_DATAVERSE_BATCH_SIZE`` sends due changes, in words."""
+    if batch_size == 1:
+        return "as one PATCH per change (CERTSYNC_DATAVERSE_BATCH_SIZE=1)"
+    return f"in bulk: UpsertMultiple, up to {batch_size} per call"
+
+
+def _count_dataverse_requests(requests: list[DataverseRequest], report: DemoReport) -> None:
+    """What the emulator received, from its own request log."""
+    report.portal_requests = len(requests)
+    for request in requests:
+        if request.status == 429:
+            report.rate_limited += 1
+        elif request.method == "POST" and request.targets is not None:
+            if request.status == 200:
+                report.bulk_targets.append(request.targets)
+            elif request.status is not None and 400 <= request.status < 500:
+                report.bulk_refused += 1
+        elif request.method == "PATCH":
+            report.single_writes += 1
+        elif request.method == "DELETE":
+            report.deletes += 1
 
 
 async def _outbox_waiting(runtime: Runtime) -> int:
