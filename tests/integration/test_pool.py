@@ -59,7 +59,8 @@ async def test_a_connection_the_server_terminated_is_replaced_before_it_is_used(
 ) -> None:
     before = await backend_pid(one_connection)
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as admin:
-        await admin.execute("select pg_terminate_backend(%s)", (before,))
+        # pg_terminate_backend only signals the backend; wait (5 s at most) until it has gone.
+        await admin.execute("select pg_terminate_backend(%s, 5000)", (before,))
 
     after = await backend_pid(one_connection)  # no AdminShutdown: the pool noticed first
 
