@@ -13,6 +13,7 @@ import pytest
 from certsync.app import Runtime, open_runtime
 from certsync.console import create_console_app
 from certsync.sandbox.server import SandboxServer
+from certsync.store.outbox import DeliveredClose
 from certsync.store.pool import Pool
 from tests.support.cli import assert_one_line_error, certsync, cli_env
 from tests.support.console import BASE, BEARER, console_settings
@@ -190,8 +191,8 @@ async def test_a_claim_handed_back_keeps_its_calls_and_a_lost_claim_writes_none(
     [second] = (await outbox.claim(now, limit=1, lease_seconds=60)).events
     # The first claim's token is spent: its late close neither closes the event nor adds to its calls.
     late = {**failed, "claim": 1, "attempt": 2}
-    assert not await outbox.mark_delivered(first, now, attempt_log=[late])
-    assert await outbox.mark_delivered(second, now)
+    assert await outbox.mark_delivered_many([DeliveredClose(first, [late])], now) == set()
+    assert await outbox.mark_delivered_many([DeliveredClose(second)], now) == {second.id}
 
     document = await history_json(database_url, str(certification))
     [change] = document["changes"]

@@ -150,8 +150,8 @@ async def test_a_rescued_claim_cannot_be_closed_by_the_worker_that_lost_it(pool:
     [rescued] = (await alive.claim(NOW + timedelta(seconds=31), limit=1, lease_seconds=30)).events
     assert rescued.id == lost.id
     assert rescued.attempts == 2
-    assert await dead.mark_delivered(lost, NOW) is False  # fenced
-    assert await alive.mark_delivered(rescued, NOW) is True
+    assert await dead.mark_delivered_many([DeliveredClose(lost)], NOW) == set()  # fenced
+    assert await alive.mark_delivered_many([DeliveredClose(rescued)], NOW) == {rescued.id}
     [event] = await events(pool, cert)
     assert event["status"] == "delivered"
     assert event["claimed_by"] == "alive-worker"

@@ -117,19 +117,6 @@ class Outbox:
         superseded = int(rows[0]["superseded_count"]) if rows else 0
         return Claim(events=events, superseded=superseded)
 
-    async def mark_delivered(
-        self,
-        event: ClaimedEvent,
-        now: datetime,
-        detail: str | None = None,
-        *,
-        attempt_log: Sequence[Mapping[str, Any]] = (),
-    ) -> bool:
-        """Close as delivered; False when the claim was lost (fenced: a newer claim owns the event).
-        ``attempt_log``: the claim's failed calls before the success, appended in the same statement."""
-        closed = await self.mark_delivered_many([DeliveredClose(event, attempt_log, detail)], now)
-        return event.id in closed
-
     async def mark_delivered_many(self, closes: Iterable[DeliveredClose], now: datetime) -> set[UUID]:
         """Close several events as delivered in one statement; the ids whose claim was still ours."""
         closing = list(closes)
