@@ -1,6 +1,6 @@
 """``python -m bench [NAME ...] [--database-url URL] [--quick] [--repeat N]``: run all, or those named.
 
-Names: breaker, retry, throughput, latency, rate_limit, database, memory, reconcile, bulk.
+Names: breaker, retry, throughput, latency, rate_limit, database, memory, reconcile, bulk, bulk_throughput.
 Each prints its table and writes ``bench/results/<name>.md``. ``--database-url`` (or
 ``CERTSYNC_TEST_DATABASE_URL``) is an admin connection to a PostgreSQL server on which fresh databases
 are created and dropped; without either, the embedded server the tests use is started. ``--repeat N``
@@ -30,6 +30,7 @@ NAMES = (
     "memory",
     "reconcile",
     "bulk",
+    "bulk_throughput",
 )
 
 

@@ -129,16 +129,20 @@ async def reset_portal(portal: str) -> None:
 
 
 async def timed(
-    name: str, portal: str, work: Callable[[asyncio.Event], Awaitable[None]], wire: Wire = CONTRACT_V1
+    name: str,
+    portal: str,
+    work: Callable[[asyncio.Event], Awaitable[None]],
+    wire: Wire = CONTRACT_V1,
+    limit: float = TIME_LIMIT,
 ) -> Run:
-    """Run ``work`` until it returns or ``TIME_LIMIT`` passes (then ``stop`` is set and it is cancelled);
+    """Run ``work`` until it returns or ``limit`` seconds pass (then ``stop`` is set and it is cancelled);
     delivered = what the portal holds afterwards, counted as ``wire`` says."""
     await reset_portal(portal)
     stop = asyncio.Event()
     cpu_started = time.process_time()
     started = time.perf_counter()
     task = asyncio.ensure_future(work(stop))
-    done, _ = await asyncio.wait([task], timeout=TIME_LIMIT)
+    done, _ = await asyncio.wait([task], timeout=limit)
     finished = bool(done)
     if not finished:
         stop.set()
