@@ -244,6 +244,31 @@ async def test_a_request_in_flight_at_a_report_counts_against_it_until_its_answe
     assert gate.available() == 3
 
 
+@pytest.mark.parametrize(
+    ("earlier_left", "report_left", "available"),
+    [
+        # Seen as the one 429 of ten drains: two requests in flight, the later one reaches the portal
+        # first. The earlier one's answer arrives first (1 left, after both); then the later one's, the
+        # newer report (2 left, counting only itself). The earlier one is no longer in flight, so it was
+        # not counted against that report: the gate saw 2 free of a window with 1.
+        (1, 2, 1),
+        # More left than the report shows: the portal counted the earlier one before it.
+        (4, 3, 3),
+    ],
+)
+async def test_a_request_answered_before_the_report_counts_against_it_unless_counted_in_it(
+    earlier_left: int, report_left: int, available: int
+) -> None:
+    clock = SteppingClock()
+    gate = gate_on(clock)
+    earlier, later = await gate.acquire(), await gate.acquire()
+    clock.advance(0.1)
+    gate.release(earlier, remaining=earlier_left)
+    clock.advance(0.1)
+    gate.release(later, remaining=report_left)
+    assert gate.available() == available
+
+
 async def test_requests_sent_after_the_report_count_until_a_newer_one_arrives() -> None:
     clock = SteppingClock()
     gate = gate_on(clock)

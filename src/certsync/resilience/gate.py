@@ -86,6 +86,8 @@ class SendGate:
         self._maybe_aged = 0  # requests that may have been counted in it and have left the window
         self._since_report = 0  # requests the report may not include: in flight at it, or sent after it
         self._overtaken: set[int] = set()  # in flight at the report but sent before the reporting one
+        # Admitted answers while requests are in flight: (permit seq, answered, remaining reported).
+        self._recent_answers: deque[tuple[int, float, int | None]] = deque()
         # What the portal's reports tell of its limit, for one process: at least what one had left plus
         # the own requests it surely counted, at most that plus those it may have counted (None: no report).
         self._limit_floor: int | None = None
@@ -196,7 +198,15 @@ class SendGate:
                 logged=self._pruned + len(self._answered),
             )
             self._aged = self._maybe_aged = 0
-            self._since_report = len(self._in_flight)
+            # Requests sent before this one and answered while it was in flight may have reached the
+            # portal after it, and then the report does not count them either: unless an answer shows
+            # more left than the report (so it was counted before it), each counts against it too.
+            after_it = sum(
+                1
+                for seq, answered, left in self._recent_answers
+                if seq < permit.seq and answered > sent and (left is None or left <= remaining)
+            )
+            self._since_report = len(self._in_flight) + after_it
             self._overtaken = {seq for seq in self._in_flight if seq < permit.seq}
         elif permit.seq in self._overtaken:
             self._overtaken.discard(permit.seq)
@@ -208,8 +218,20 @@ class SendGate:
             )
             if not admitted or counted_before:
                 self._since_report -= 1  # refused, or the portal counted it before the report
+        if admitted and self._in_flight and self._report is not None:  # only a reported budget needs them
+            self._recent_answers.append((permit.seq, now, remaining))
+        if self._recent_answers:
+            self._forget_answers()
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def _forget_answers(self) -> None:
+        """Drop the answers that arrived before every request now in flight was sent: no report still to
+        come can have been overtaken by them."""
+        recent = self._recent_answers
+        oldest_send = min(self._in_flight.values(), default=math.inf)
+        while recent and recent[0][1] <= oldest_send:
+            recent.popleft()
 
     def _reported_available(self) -> int | None:
         report = self._report
