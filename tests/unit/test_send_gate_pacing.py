@@ -152,7 +152,9 @@ async def test_a_request_that_may_have_been_counted_frees_one_probe_when_it_leav
     clock.advance(1.0)
     gate.release(reporter, remaining=0)
     # Whether the portal still counted ``early`` when it admitted the reporter depends on when each
-    # reached it: when ``early`` leaves the window (t=11.001) one request goes alone to find out.
+    # reached it: when ``early`` leaves the window (t=11.001) one request goes alone to find out. (Here
+    # the limit the reports bound already shows the slot free; with the bound unknown, the lone probe
+    # for a request that "may have been counted" goes the same way.)
     probe = asyncio.create_task(gate.acquire())
     follower = asyncio.create_task(gate.acquire())
     clock.advance(0.5)
