@@ -37,6 +37,7 @@ class Options:
 
     database_url: str | None = None
     quick: bool = False
+    repeat: int = 1  # how many measured runs, for the scripts that take it (``REPEATABLE``)
 
     def admin_url(self) -> str:
         if self.database_url:

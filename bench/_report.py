@@ -122,6 +122,7 @@ def machine() -> dict[str, str]:
         "memory": memory_total(),
         "OS": platform.platform(),
         "Python": f"{platform.python_implementation()} {platform.python_version()}",
+        "load average when recorded (1, 5, 15 min)": ", ".join(f"{load:.2f}" for load in os.getloadavg()),
     }
 
 

@@ -16,10 +16,11 @@ import asyncio
 import math
 import os
 import time
-from typing import cast
+from dataclasses import dataclass
+from typing import Any, cast
 
 from bench import Options, certsync_settings, fresh_database, sandbox_process, sandbox_requests
-from bench._report import Report
+from bench._report import Report, console
 from bench.bench_throughput import seed
 from certsync.app import Runtime, open_runtime
 from certsync.logs import configure_logging
@@ -27,6 +28,7 @@ from certsync.sandbox.faults import FaultScript, RateLimit
 from certsync.worker import WorkerOptions, WorkerStats
 
 REQUESTS, WINDOW, MAX_CONCURRENT = 120, 6.0, 52
+REPEATABLE = True  # ``python -m bench rate_limit --repeat 5``: five independent drains, each reported
 TIME_LIMIT = 150.0
 
 
@@ -46,10 +48,43 @@ def ideal_seconds(count: int) -> float:
     return max(0, math.ceil(count / REQUESTS) - 1) * WINDOW
 
 
-def run(options: Options) -> Report:
-    count = 480 if options.quick else 1_200
-    configure_logging("json", "info", stream=open(os.devnull, "w"))  # noqa: SIM115
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """One drain of the backlog, as the worker saw it and as the sandbox logged its PUTs."""
+
+    count: int
+    seconds: float
+    finished: bool
+    stats: WorkerStats
+    puts: list[dict[str, Any]]
+    load: float  # the machine's 1-minute load average when the run started
+
+    @property
+    def delivered(self) -> int:
+        return sum(1 for r in self.puts if r["status"] is not None and r["status"] < 300)
+
+    @property
+    def refused(self) -> list[dict[str, Any]]:
+        return [r for r in self.puts if r["status"] == 429]
+
+    @property
+    def efficiency(self) -> float:
+        """The fastest drain the limit permits ÷ the time taken."""
+        return ideal_seconds(self.delivered) / self.seconds if self.seconds else 0.0
+
+    @property
+    def share_429(self) -> float:
+        return len(self.refused) / len(self.puts) if self.puts else 0.0
+
+    @property
+    def met(self) -> bool:
+        return self.finished and self.efficiency >= 0.95
+
+
+def drain_once(options: Options, count: int) -> Drain:
+    """A fresh database with ``count`` waiting events and a fresh sandbox; one worker drains them."""
     limit = RateLimit(requests=REQUESTS, window_seconds=WINDOW, max_concurrent=MAX_CONCURRENT, scope="put")
+    load = os.getloadavg()[0]
     with (
         fresh_database(options, "certsync_bench_rate_limit") as database_url,
         sandbox_process(FaultScript(rate_limit=limit)) as portal,
@@ -79,14 +114,23 @@ def run(options: Options) -> Report:
 
         seconds, finished, stats = asyncio.run(drain())
         puts = [r for r in sandbox_requests(portal) if r["method"] == "PUT"]
-    delivered = sum(1 for r in puts if r["status"] is not None and r["status"] < 300)
-    refused = [r for r in puts if r["status"] == 429]
-    by_window = sum(1 for r in refused if r["fault"] == "rate_limit:window")
-    by_concurrency = sum(1 for r in refused if r["fault"] == "rate_limit:concurrency")
-    first, last = puts[0]["at"], puts[-1]["at"]
-    ideal = ideal_seconds(delivered)
-    efficiency = ideal / seconds if seconds else 0.0
-    share_429 = len(refused) / len(puts) if puts else 0.0
+    return Drain(count, seconds, finished, stats, puts, load)
+
+
+def run(options: Options) -> Report:
+    count = 480 if options.quick else 1_200
+    configure_logging("json", "info", stream=open(os.devnull, "w"))  # noqa: SIM115
+    drains: list[Drain] = []
+    for index in range(options.repeat):
+        drains.append(drain_once(options, count))
+        last = drains[-1]
+        console.print(
+            f"[dim]rate_limit run {index + 1} of {options.repeat}: {last.efficiency * 100:.1f} % of allowed, "
+            f"{last.seconds:.1f} s, {len(last.refused)} answered 429[/]"
+        )
+    worst = min(drains, key=lambda d: (d.met, d.efficiency))
+    met = sum(1 for d in drains if d.met)
+    runs = f"{len(drains)} run{'s' if len(drains) > 1 else ''}"
     report = Report(
         name="rate_limit",
         title="Backlog drain under Dataverse-style service-protection limits (scaled)",
@@ -96,33 +140,72 @@ def run(options: Options) -> Report:
             "else 429 with Retry-After. One certsync worker, production settings, run until no event "
             f"waits or is in flight, bounded to {TIME_LIMIT:.0f} s. Allowed rate "
             f"{REQUESTS / WINDOW:g}/s; the fastest drain of N deliveries is "
-            f"(⌈N/{REQUESTS}⌉ − 1) × {WINDOW:g} s."
+            f"(⌈N/{REQUESTS}⌉ − 1) × {WINDOW:g} s. {runs}, each with a fresh database and sandbox."
         ),
     )
     report.table(
-        "Drain",
+        "Runs",
+        (
+            "run",
+            "delivered",
+            "drain s",
+            "fastest s",
+            "% of allowed",
+            "answered 429",
+            "≥ 95 %",
+            "load at start",
+        ),
+        [
+            (
+                str(index + 1),
+                f"{d.delivered:,} of {d.count:,}",
+                f"{d.seconds:.1f}",
+                f"{ideal_seconds(d.delivered):.0f}",
+                f"{d.efficiency * 100:.1f} %",
+                f"{len(d.refused):,} ({d.share_429 * 100:.2f} %)",
+                "yes" if d.met else "no",
+                f"{d.load:.2f}",
+            )
+            for index, d in enumerate(drains)
+        ],
+    )
+    refused = worst.refused
+    first, last_put = (worst.puts[0]["at"], worst.puts[-1]["at"]) if worst.puts else ("-", "-")
+    report.table(
+        f"Drain (run {drains.index(worst) + 1}, the slowest)" if len(drains) > 1 else "Drain",
         ("measure", "value"),
         [
-            ("events delivered (portal 2xx)", f"{delivered:,} of {count:,}"),
-            ("drain time (worker start → done)", f"{seconds:.1f} s"),
-            ("fastest drain of those the limit permits", f"{ideal:.0f} s"),
-            ("% of allowed (fastest ÷ actual)", f"{efficiency * 100:.1f} %"),
-            ("delivered rate (steady state, allowed 20/s)", f"{delivered / seconds:.1f}/s"),
-            ("PUT requests sent", f"{len(puts):,}"),
-            ("answered 429", f"{len(refused):,} ({share_429 * 100:.2f} %)"),
-            ("  of which window exhausted / concurrency", f"{by_window:,} / {by_concurrency:,}"),
-            ("queued for manual replay (retries exhausted)", f"{stats.queued_pending:,}"),
-            ("events held while the circuit was open", f"{stats.held:,}"),
-            ("first → last PUT (sandbox clock)", f"{first} → {last}"),
+            ("events delivered (portal 2xx)", f"{worst.delivered:,} of {count:,}"),
+            ("drain time (worker start → done)", f"{worst.seconds:.1f} s"),
+            ("fastest drain of those the limit permits", f"{ideal_seconds(worst.delivered):.0f} s"),
+            ("% of allowed (fastest ÷ actual)", f"{worst.efficiency * 100:.1f} %"),
+            ("delivered rate (steady state, allowed 20/s)", f"{worst.delivered / worst.seconds:.1f}/s"),
+            ("PUT requests sent", f"{len(worst.puts):,}"),
+            ("answered 429", f"{len(refused):,} ({worst.share_429 * 100:.2f} %)"),
+            (
+                "  of which window exhausted / concurrency",
+                f"{sum(1 for r in refused if r['fault'] == 'rate_limit:window'):,} / "
+                f"{sum(1 for r in refused if r['fault'] == 'rate_limit:concurrency'):,}",
+            ),
+            ("queued for manual replay (retries exhausted)", f"{worst.stats.queued_pending:,}"),
+            ("events held while the circuit was open", f"{worst.stats.held:,}"),
+            ("first → last PUT (sandbox clock)", f"{first} → {last_put}"),
         ],
     )
     report.target(
         "backlog drain under the limit",
-        "≥ 95 % of allowed",
-        f"{efficiency * 100:.1f} %",
-        efficiency >= 0.95 and finished,
+        "≥ 95 % of allowed" + (" in every run" if len(drains) > 1 else ""),
+        ", ".join(f"{d.efficiency * 100:.1f} %" for d in drains)
+        + (f" ({met} of {len(drains)} met)" if len(drains) > 1 else ""),
+        met == len(drains),
     )
-    report.target("requests answered 429", "≤ 1 % of requests", f"{share_429 * 100:.2f} %", share_429 <= 0.01)
+    worst_429 = max(d.share_429 for d in drains)
+    report.target(
+        "requests answered 429",
+        "≤ 1 % of requests" + (" in every run" if len(drains) > 1 else ""),
+        f"{worst_429 * 100:.2f} %" + (" (the most of any run)" if len(drains) > 1 else ""),
+        worst_429 <= 0.01,
+    )
     report.notes += [
         "certsync paces on the budget the portal reports with every answer "
         "(`x-ms-ratelimit-burst-remaining-xrm-requests`, sent by the sandbox as by Dataverse): the shared "
@@ -130,8 +213,10 @@ def run(options: Options) -> Report:
         f"(CERTSYNC_DYNAMICS_RATE_WINDOW_SECONDS={WINDOW:g} here, 300 for Dataverse). 429s remain the "
         "backstop (pause for Retry-After), for what the gate cannot see.",
         "A sliding window replays each window's sending pattern one window later, so the drain ends when "
-        "the last window's slots free. A slot left unused at the end of any window (the gate could not "
-        "tell the portal had already freed it) carries its request over to one window more: the drain "
-        "then takes 60 s instead of ~55 s (89.5 % instead of ~98 %). See docs/benchmarks.md for how often.",
+        "the last window's slots free, and a slot left unused at the end of any window carries one request "
+        "over to one window more (60 s instead of ~55 s: 89.5 % instead of ~98 %). The gate used to leave "
+        "one when an own request left the window while the window's last request was in flight; it now "
+        "bounds the portal's limit from its reports and sends on that slot (docs/architecture.md, "
+        "§ The send gate).",
     ]
     return report

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from certsync.resilience.gate import SLOT_MARGIN_SECONDS, SendGate, SendPermit
 from certsync.resilience.testing import ManualClock
-from certsync.sandbox.faults import FaultEngine, FaultScript, RateLimit
+from certsync.sandbox.faults import FaultDecision, FaultEngine, FaultScript, RateLimit
 
 WINDOW = 10.0
 
@@ -152,7 +152,9 @@ async def test_a_request_that_may_have_been_counted_frees_one_probe_when_it_leav
     clock.advance(1.0)
     gate.release(reporter, remaining=0)
     # Whether the portal still counted ``early`` when it admitted the reporter depends on when each
-    # reached it: when ``early`` leaves the window (t=11.001) one request goes alone to find out.
+    # reached it: when ``early`` leaves the window (t=11.001) one request goes alone to find out. (Here
+    # the limit the reports bound already shows the slot free; with the bound unknown, the lone probe
+    # for a request that "may have been counted" goes the same way.)
     probe = asyncio.create_task(gate.acquire())
     follower = asyncio.create_task(gate.acquire())
     clock.advance(0.5)
@@ -162,6 +164,58 @@ async def test_a_request_that_may_have_been_counted_frees_one_probe_when_it_leav
     assert not await settled(follower)
     gate.release(probe.result(), remaining=3)
     assert await settled(follower)
+
+
+async def test_a_slot_that_frees_while_the_reporting_request_is_in_flight_is_used_at_once() -> None:
+    # The drain benchmark's lost slot: the last request of a window's burst is answered "none left",
+    # counting one of ours that left the window while it was in flight. That one was never in the
+    # accounting of the new report, so the gate waited for its next own request to age out: a whole
+    # window. The portal's reports bound its limit (here 2: one left with one of ours counted), and
+    # with only one of ours still in the window, one more may go now.
+    clock = SteppingClock()
+    gate = gate_on(clock)
+    portal = FaultEngine(
+        FaultScript(rate_limit=RateLimit(requests=2, window_seconds=WINDOW)),
+        monotonic=lambda: clock.now().timestamp(),
+    )
+
+    async def exchange(answer_after: float) -> FaultDecision:
+        permit = await gate.acquire()
+        decision = portal.decide("PUT", "/api/v1/certifications/x")
+        clock.advance(answer_after)
+        portal.finish(decision)
+        gate.release(permit, remaining=decision.budget, admitted=decision.status != 429)
+        return decision
+
+    assert (await exchange(0.1)).budget == 1  # admitted at t=0, answered at t=0.1
+    clock.advance(9.85)
+    # Sent at t=9.95, answered at t=10.2: the first request left the window (t=10.0) after the portal
+    # admitted this one, and the gate's log at t=10.101, while this one was in flight.
+    assert (await exchange(0.25)).budget == 0
+    sleeps = len(clock.sleeps)
+    third = asyncio.create_task(gate.acquire())
+    assert await settled(third)
+    assert len(clock.sleeps) == sleeps  # at once, not at t=20.2 when the second leaves the window
+    assert portal.decide("PUT", "/api/v1/certifications/x").status is None  # and the portal admits it
+    fourth = asyncio.create_task(gate.acquire())
+    assert not await settled(fourth)  # the window is full again
+    fourth.cancel()
+
+
+async def test_a_learned_limit_gives_way_to_a_report_showing_another_client() -> None:
+    clock = SteppingClock()
+    gate = gate_on(clock)
+    first = await gate.acquire()
+    clock.advance(0.1)
+    gate.release(first, remaining=1)  # one left with ours counted: a limit of 2, were we alone
+    clock.advance(10.4)  # ours has left the window
+    second = await gate.acquire()
+    clock.advance(0.1)
+    gate.release(second, remaining=0)  # none left with only this one of ours: another client took one
+    waiting = asyncio.create_task(gate.acquire())
+    assert not await settled(waiting)  # a limit learned earlier does not outlast that evidence
+    clock.advance(WINDOW + 2 * SLOT_MARGIN_SECONDS)  # until ours leaves the window
+    assert await settled(waiting)
 
 
 async def test_an_older_answer_does_not_overwrite_a_newer_report() -> None:
@@ -190,6 +244,31 @@ async def test_a_request_in_flight_at_a_report_counts_against_it_until_its_answe
     gate.release(reporter, remaining=3)
     gate.release(refused, remaining=0, admitted=False)
     assert gate.available() == 3
+
+
+@pytest.mark.parametrize(
+    ("earlier_left", "report_left", "available"),
+    [
+        # Seen as the one 429 of ten drains: two requests in flight, the later one reaches the portal
+        # first. The earlier one's answer arrives first (1 left, after both); then the later one's, the
+        # newer report (2 left, counting only itself). The earlier one is no longer in flight, so it was
+        # not counted against that report: the gate saw 2 free of a window with 1.
+        (1, 2, 1),
+        # More left than the report shows: the portal counted the earlier one before it.
+        (4, 3, 3),
+    ],
+)
+async def test_a_request_answered_before_the_report_counts_against_it_unless_counted_in_it(
+    earlier_left: int, report_left: int, available: int
+) -> None:
+    clock = SteppingClock()
+    gate = gate_on(clock)
+    earlier, later = await gate.acquire(), await gate.acquire()
+    clock.advance(0.1)
+    gate.release(earlier, remaining=earlier_left)
+    clock.advance(0.1)
+    gate.release(later, remaining=report_left)
+    assert gate.available() == available
 
 
 async def test_requests_sent_after_the_report_count_until_a_newer_one_arrives() -> None:

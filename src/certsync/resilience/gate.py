@@ -11,6 +11,7 @@ Why it counts the way it does (sliding windows, overtaken requests, the lone pro
 from __future__ import annotations
 
 import asyncio
+import heapq
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ class _Report:
 class _Answered:
     sent: float
     answered: float
+    budgeted: bool = False  # its answer carried a budget: the portal's limit surely counted it
 
 
 class SendGate:
@@ -84,6 +86,14 @@ class SendGate:
         self._maybe_aged = 0  # requests that may have been counted in it and have left the window
         self._since_report = 0  # requests the report may not include: in flight at it, or sent after it
         self._overtaken: set[int] = set()  # in flight at the report but sent before the reporting one
+        # Admitted answers while requests are in flight: (permit seq, answered, remaining reported).
+        self._recent_answers: deque[tuple[int, float, int | None]] = deque()
+        # What the portal's reports tell of its limit, for one process: at least what one had left plus
+        # the own requests it surely counted, at most that plus those it may have counted (None: no report).
+        self._limit_floor: int | None = None
+        self._budgeted_sent: list[float] = []  # heap: sends of logged requests answered with a budget
+        self._log_at_send: dict[int, tuple[int, int]] = {}  # permit seq -> (logged, pruned) when it was sent
+        self._unlogged_until = 0.0  # until then, requests answered before the log began may be in the window
         self._changed = asyncio.Event()
         self._pacing = False
 
@@ -128,7 +138,7 @@ class SendGate:
             await self.wait()
             now = self._seconds()
             self._prune(now)
-            go, wake_at, probe = self._decide()
+            go, wake_at, probe = self._decide(now)
             if go:
                 break
             if not self._pacing:
@@ -151,6 +161,7 @@ class SendGate:
             self._maybe_aged -= 1
         self._seq += 1
         self._in_flight[self._seq] = self._seconds()
+        self._log_at_send[self._seq] = (self._pruned + len(self._answered), self._pruned)
         self._since_report += 1
         return SendPermit(self._seq)
 
@@ -162,6 +173,7 @@ class SendGate:
         sent = self._in_flight.pop(permit.seq, None)
         if sent is None:
             return
+        log_at_send = self._log_at_send.pop(permit.seq)
         now = self._seconds()
         self._prune(now)
         # The log only serves a budget (reported or configured): without one, keeping a window's worth
@@ -169,7 +181,13 @@ class SendGate:
         # a first report are then missing from its accounting, which errs towards waiting: the probe
         # finds out.
         if admitted and (self._report is not None or remaining is not None or self._max_requests is not None):
-            self._answered.append(_Answered(sent, now))
+            self._answered.append(_Answered(sent, now, budgeted=remaining is not None))
+            if remaining is not None:
+                heapq.heappush(self._budgeted_sent, sent)
+        elif admitted:
+            self._unlogged_until = now + self._window + SLOT_MARGIN_SECONDS
+        if remaining is not None and admitted:
+            self._learn_limit_floor(max(0, remaining), log_at_send, now)
         report = self._report
         if remaining is not None and (report is None or permit.seq > report.seq):
             self._report = _Report(
@@ -180,7 +198,15 @@ class SendGate:
                 logged=self._pruned + len(self._answered),
             )
             self._aged = self._maybe_aged = 0
-            self._since_report = len(self._in_flight)
+            # Requests sent before this one and answered while it was in flight may have reached the
+            # portal after it, and then the report does not count them either: unless an answer shows
+            # more left than the report (so it was counted before it), each counts against it too.
+            after_it = sum(
+                1
+                for seq, answered, left in self._recent_answers
+                if seq < permit.seq and answered > sent and (left is None or left <= remaining)
+            )
+            self._since_report = len(self._in_flight) + after_it
             self._overtaken = {seq for seq in self._in_flight if seq < permit.seq}
         elif permit.seq in self._overtaken:
             self._overtaken.discard(permit.seq)
@@ -192,8 +218,20 @@ class SendGate:
             )
             if not admitted or counted_before:
                 self._since_report -= 1  # refused, or the portal counted it before the report
+        if admitted and self._in_flight and self._report is not None:  # only a reported budget needs them
+            self._recent_answers.append((permit.seq, now, remaining))
+        if self._recent_answers:
+            self._forget_answers()
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def _forget_answers(self) -> None:
+        """Drop the answers that arrived before every request now in flight was sent: no report still to
+        come can have been overtaken by them."""
+        recent = self._recent_answers
+        oldest_send = min(self._in_flight.values(), default=math.inf)
+        while recent and recent[0][1] <= oldest_send:
+            recent.popleft()
 
     def _reported_available(self) -> int | None:
         report = self._report
@@ -201,12 +239,48 @@ class SendGate:
             return None
         return report.remaining + self._aged - self._since_report
 
+    def _learn_limit_floor(self, remaining: int, log_at_send: tuple[int, int], at: float) -> None:
+        """What an admitted answer (``remaining`` left, arriving at ``at``; the newest entry of the log)
+        tells of the limit, were this process the portal's only client.
+
+        At least ``remaining`` plus the own requests the portal surely counted when it admitted this one:
+        itself, and those answered before it was sent (so admitted before it) and sent less than a window
+        before its answer (so still in the window then), counting only answers that carried a budget
+        (surely within the limit's scope). At most ``remaining`` plus every own request it may have
+        counted: those still logged or in flight, and those that left the window after it was sent.
+        The upper bound is kept too: when other clients share the limit, the floor falls to what this
+        process may use, rather than outlasting the evidence.
+        """
+        logged_at_send, pruned_at_send = log_at_send
+        # Sent after ``since``: surely still in the window when this one was admitted (the margin keeps
+        # clock rounding on the boundary from counting one the portal had already let go).
+        heap, since = self._budgeted_sent, at - self._window + SLOT_MARGIN_SECONDS
+        while heap and heap[0] <= since:
+            heapq.heappop(heap)
+        # In the heap but answered after this one was sent, this one included: not surely before it.
+        later = min(self._pruned + len(self._answered) - logged_at_send, len(self._answered))
+        concurrent = sum(
+            1
+            for index in range(len(self._answered) - later, len(self._answered))
+            if self._answered[index].budgeted and self._answered[index].sent > since
+        )
+        surely = remaining + len(heap) - concurrent + 1
+        maybe = remaining + len(self._answered) + len(self._in_flight) + self._pruned - pruned_at_send
+        self._limit_floor = min(max(self._limit_floor or 0, surely), maybe)
+
+    def _floor_available(self, now: float) -> int:
+        """Slots the learned floor of the limit proves free now: every own request that may still be in
+        the window is logged (or in flight), so the portal can count no more of ours than that."""
+        if self._limit_floor is None or now < self._unlogged_until:
+            return 0
+        return self._limit_floor - len(self._answered) - len(self._in_flight)
+
     def _configured_available(self) -> int | None:
         if self._max_requests is None:
             return None
         return self._max_requests - len(self._answered) - len(self._in_flight)
 
-    def _decide(self) -> tuple[bool, float | None, bool]:
+    def _decide(self, now: float) -> tuple[bool, float | None, bool]:
         """Whether one more request may go now; if not, when a slot frees (``None``: at an answer);
         and whether it goes as a probe on a slot that may have freed."""
         blocked: list[float | None] = []
@@ -217,7 +291,12 @@ class SendGate:
             assert report is not None
             # Only own requests that were in the window when the budget was reported free a slot of it.
             frees_at = self._oldest_expiry() if self._pruned < report.logged else None
-            if not self._in_flight and (self._maybe_aged > 0 or frees_at is None):
+            if not self._in_flight and self._floor_available(now) > 0:
+                # The report counted a request of ours that has left the window since (one that left
+                # while the reporting request was in flight, or one it cannot tell it counted): the
+                # limit's floor proves a slot free. One goes, and its answer reports afresh.
+                pass
+            elif not self._in_flight and (self._maybe_aged > 0 or frees_at is None):
                 # A request that may have been counted has left the window, or nothing else can tell:
                 # one request goes alone, and its answer brings a fresh budget.
                 probe = self._maybe_aged > 0
