@@ -33,10 +33,17 @@ with due as (
 candidates as materialized (
   -- One claimer per certification: a transaction-scoped advisory lock, tried before any row lock.
   -- Without it, claimers scanning in the same order split a certification's rows between them
-  -- (SKIP LOCKED) and every one of them gives the certification up.
+  -- (SKIP LOCKED) and every one of them gives the certification up. A certification with an event in
+  -- flight is passed over first (one statement, one snapshot: the same answer as later in it). Asked
+  -- here, per candidate, the planner looks each up in the in-flight index; asked after the grouping
+  -- below (estimated at one row) it scanned the whole index, dead entries and all, per certification:
+  -- 107 of a 1,600-event claim's 157 ms.
   select d.certification_id
   from (select distinct due.certification_id from due) d
-  where pg_try_advisory_xact_lock(hashtextextended(d.certification_id::text, 0))
+  where not exists (
+      select 1 from public.certification_sync_events f
+      where f.certification_id = d.certification_id and f.status = 'in_flight')
+    and pg_try_advisory_xact_lock(hashtextextended(d.certification_id::text, 0))
   limit %(scan)s
 ),
 locked as (
@@ -62,9 +69,6 @@ claimable as (
   where p.locked_count = (
       select count(*) from public.certification_sync_events w
       where w.certification_id = p.certification_id and w.status = 'waiting' and w.available_at <= %(now)s)
-    and not exists (
-      select 1 from public.certification_sync_events f
-      where f.certification_id = p.certification_id and f.status = 'in_flight')
   order by p.certification_id
   limit %(limit)s
 ),
