@@ -261,6 +261,28 @@ async def test_a_failed_close_statement_raises_in_every_delivery_it_carried_and_
     assert outbox.statements == [5, 5]
 
 
+async def test_claims_handed_back_together_wait_again_without_counting_and_fenced(pool: Pool) -> None:
+    certs = await seed_certifications(pool, 3)
+    outbox = Outbox(pool, "worker-a")
+    claimed = (await outbox.claim(NOW, limit=3, lease_seconds=30)).events
+    async with pool.connection() as conn:  # one was rescued and claimed again meanwhile
+        await conn.execute(
+            "update public.certification_sync_events set claim_token = gen_random_uuid() where id = %s",
+            (claimed[0].id,),
+        )
+
+    assert await outbox.release_many(claimed, available_at=NOW, detail="worker stopped") == 2
+
+    rows = {c: await events(pool, c) for c in certs}
+    handed_back = [r for c, [r] in rows.items() if c != claimed[0].certification_id]
+    assert {(r["status"], r["attempts"], r["detail"]) for r in handed_back} == {
+        ("waiting", 0, "worker stopped")
+    }
+    [kept] = rows[claimed[0].certification_id]
+    assert kept["status"] == "in_flight"
+    assert await outbox.release_many([], available_at=NOW) == 0
+
+
 async def test_queueing_closes_the_event_and_writes_the_retry_row_together(pool: Pool) -> None:
     [cert] = await seed_certifications(pool, 1)
     outbox = Outbox(pool, "worker-a")

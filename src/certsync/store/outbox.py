@@ -33,16 +33,16 @@ log = structlog.get_logger(__name__)
 class ClaimedEvent:
     """One claimed outbox event: the newest of its certification's, ours until the lease ends.
 
-    ``state`` is what the event captured (history); ``current`` is what the database holds now, read
-    in the claim's snapshot, and is what is sent. ``may_unlist``: this event or one it superseded may
-    have taken the certification off the portal (a delete, a membership change, a repair).
+    ``current`` is what the database holds now, read in the claim's snapshot, and is what is sent
+    (what the event captured stays in the outbox, for the history: a claim does not read it back).
+    ``may_unlist``: this event or one it superseded may have taken the certification off the portal
+    (a delete, a membership change, a repair).
     """
 
     id: UUID
     certification_id: UUID
     certification_version: int
     operation_type: str
-    state: dict[str, Any]
     occurred_at: datetime
     attempts: int
     claim_token: UUID
@@ -105,7 +105,6 @@ class Outbox:
                 certification_id=r["certification_id"],
                 certification_version=r["certification_version"],
                 operation_type=r["operation_type"],
-                state=r["state"],
                 occurred_at=r["occurred_at"],
                 attempts=r["attempts"],
                 claim_token=r["claim_token"],
@@ -129,7 +128,8 @@ class Outbox:
                 "ids": [c.event.id for c in closing],
                 "tokens": [c.event.claim_token for c in closing],
                 "details": [c.detail for c in closing],
-                "attempt_logs": [_log(c.attempt_log) for c in closing],
+                # None for a claim with no failed calls (most): no JSON to encode for it.
+                "attempt_logs": [_log(c.attempt_log) if c.attempt_log else None for c in closing],
                 "now": now,
             },
         )
@@ -180,6 +180,26 @@ class Outbox:
             },
         )
         return bool(rows)
+
+    async def release_many(
+        self, events: Iterable[ClaimedEvent], *, available_at: datetime, detail: str | None = None
+    ) -> int:
+        """Hand back several claims never attempted (a stopping worker's work kept ready) in one
+        statement, as ``release`` does one; returns how many were still ours."""
+        handing = list(events)
+        if not handing:
+            return 0
+        rows = await fetch(
+            self._pool,
+            "release_claims",
+            {
+                "ids": [e.id for e in handing],
+                "tokens": [e.claim_token for e in handing],
+                "available_at": available_at,
+                "detail": detail,
+            },
+        )
+        return len(rows)
 
     async def extend_leases(self, events: Iterable[ClaimedEvent], lease_until: datetime) -> int:
         """Heartbeat for every claim still held; returns how many were extended."""

@@ -78,7 +78,7 @@ claimed as (
       lease_until = %(now)s + make_interval(secs => %(lease_seconds)s), attempts = e.attempts + 1
   from claimable c
   where e.id = c.newest_id
-  returning e.id, e.certification_id, e.certification_version, e.operation_type, e.state, e.occurred_at,
+  returning e.id, e.certification_id, e.certification_version, e.operation_type, e.occurred_at,
             e.attempts, e.claim_token, c.may_unlist
 ),
 superseded as (
@@ -102,12 +102,17 @@ order by k.occurred_at, k.id;
 -- the previous close ran), each fenced by its own claim token: an event whose claim was rescued meanwhile
 -- is left to the newer claim (and not returned). Each row brings its own detail and its claim's failed
 -- calls before the one that succeeded (history), appended here: recording attempts costs no round trip.
+-- The fence is the claim token alone: every statement that ends a claim nulls it, so a matching token
+-- means in flight under that claim. Adding "status = 'in_flight'" led the planner (which expects few
+-- rows in flight) to scan the partial in-flight indexes, dead entries and all, instead of the primary
+-- key: 52 ms per 100-event close during a 20,000-event bulk drain, against about 1 ms now. The same
+-- holds for release_claims and extend_leases below.
 update public.certification_sync_events e
 set status = 'delivered', closed_at = %(now)s, claim_token = null, lease_until = null, detail = held.detail,
-    attempt_log = e.attempt_log || held.attempt_log
+    attempt_log = e.attempt_log || coalesce(held.attempt_log, '[]'::jsonb)
 from unnest(%(ids)s::uuid[], %(tokens)s::uuid[], %(details)s::text[], %(attempt_logs)s::jsonb[])
        as held(id, claim_token, detail, attempt_log)
-where e.id = held.id and e.claim_token = held.claim_token and e.status = 'in_flight'
+where e.id = held.id and e.claim_token = held.claim_token
 returning e.id;
 
 -- name: mark_queued
@@ -126,6 +131,16 @@ set status = 'waiting', claim_token = null, claimed_by = null, lease_until = nul
     attempt_log = attempt_log || %(attempt_log)s::jsonb
 where id = %(id)s and claim_token = %(claim_token)s and status = 'in_flight'
 returning id;
+
+-- name: release_claims
+-- Several claims handed back unattempted in one statement (a stopping worker's work kept ready), each
+-- fenced by its own claim token; like release_claim, the attempt they were claimed for does not count.
+update public.certification_sync_events e
+set status = 'waiting', claim_token = null, claimed_by = null, lease_until = null,
+    available_at = %(available_at)s, attempts = greatest(e.attempts - 1, 0), detail = %(detail)s
+from unnest(%(ids)s::uuid[], %(tokens)s::uuid[]) as held(id, claim_token)
+where e.id = held.id and e.claim_token = held.claim_token
+returning e.id;
 
 -- name: outbox_depth
 select count(*) filter (where status = 'waiting') as waiting,
@@ -146,5 +161,5 @@ order by certification_version, occurred_at;
 update public.certification_sync_events e
 set lease_until = %(lease_until)s
 from unnest(%(ids)s::uuid[], %(tokens)s::uuid[]) as held(id, claim_token)
-where e.id = held.id and e.claim_token = held.claim_token and e.status = 'in_flight'
+where e.id = held.id and e.claim_token = held.claim_token
 returning e.id;
