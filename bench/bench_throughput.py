@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import statistics
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -40,6 +41,7 @@ from certsync.settings import Settings
 from certsync.worker import WorkerOptions
 
 CONCURRENCY = 16  # WorkerOptions' default
+ROUNDS = 3  # raw and certsync, alternating
 TIME_LIMIT = 150.0  # seconds per run: a run that has not finished by then is stopped and its rate kept
 HEADERS = {"Authorization": f"Bearer {DEFAULT_TOKEN}", "Content-Type": "application/json"}
 
@@ -297,10 +299,20 @@ def _batches(items: list[dict[str, Any]], size: int = 1000) -> list[list[dict[st
 # --- the benchmark ---------------------------------------------------------------------------------------
 
 
+def requeue(database_url: str) -> None:
+    """Give every certification a new version, so the capture trigger writes a fresh waiting event for
+    each (the worker's next round has a whole backlog again); outside the timed part."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("update public.certifications set valid_until = valid_until + 1")
+        conn.execute("analyze public.certification_sync_events")
+
+
 def run(options: Options) -> Report:
     count = 2_000 if options.quick else 20_000
+    rounds = 1 if options.quick else ROUNDS
     configure_logging("json", "info", stream=open(os.devnull, "w"))  # noqa: SIM115
     runs: list[Run] = []
+    pairs: list[tuple[Run, Run]] = []
     with fresh_database(options, "certsync_bench_throughput") as database_url, sandbox_process() as portal:
         events = seed(database_url, count)
         requests = prebuilt(CONTRACT_V1, events)
@@ -308,15 +320,25 @@ def run(options: Options) -> Report:
         certsync_work = certsync_worker(certsync_settings(database_url, portal))
 
         async def all_runs() -> None:
-            runs.append(await timed("raw httpx PUTs (ceiling)", portal, raw_httpx(portal, requests)))
-            runs.append(await timed("certsync worker", portal, certsync_work))
+            # Raw and certsync alternate, round after round: each certsync run is judged against the
+            # raw run right before it, on the machine as it was then (this shared 2-core machine's
+            # speed drifts by a third within minutes, more than the effect being measured).
+            for number in range(1, rounds + 1):
+                raw = await timed(f"raw httpx PUTs, round {number}", portal, raw_httpx(portal, requests))
+                if number > 1:
+                    await asyncio.to_thread(requeue, database_url)
+                ours = await timed(f"certsync worker, round {number}", portal, certsync_work)
+                runs.extend((raw, ours))
+                pairs.append((raw, ours))
             await defer()
             runs.append(await timed("procrastinate + tenacity", portal, procrastinate_work))
-            runs.append(await timed("raw httpx PUTs (ceiling, again)", portal, raw_httpx(portal, requests)))
+            runs.append(await timed("raw httpx PUTs (after)", portal, raw_httpx(portal, requests)))
 
         asyncio.run(all_runs())
     ceiling = max(r.rate for r in runs if r.name.startswith("raw"))
-    ours = next(r for r in runs if r.name == "certsync worker")
+    ratios = sorted(ours.rate / raw.rate for raw, ours in pairs)
+    median_ratio = statistics.median(ratios)
+    ours = sorted((o for _, o in pairs), key=lambda r: r.rate)[len(pairs) // 2]  # the median run
     peer = next(r for r in runs if r.name.startswith("procrastinate"))
     report = Report(
         name="throughput",
@@ -327,12 +349,19 @@ def run(options: Options) -> Report:
             "sandbox portal in its own process with no latency and no faults, reset between runs; every "
             f"contender at concurrency {CONCURRENCY} with httpx limits of 64 connections. Rate = "
             "certifications the portal holds at the end ÷ wall time of the run (each bounded to "
-            f"{TIME_LIMIT:.0f} s). One run each; the raw ceiling is run first and last and its better "
-            "rate is the reference."
+            f"{TIME_LIMIT:.0f} s). Raw httpx and the certsync worker alternate for {rounds} round(s) (before "
+            "each later certsync round every certification gets a new version, so a whole backlog waits "
+            "again); the target is read on the median of the per-round ratios, certsync ÷ the raw run "
+            "just before it. procrastinate + tenacity runs once, then raw once more."
         ),
     )
     runs_table(report, runs, ceiling)
-    ratio_target(report, "throughput vs raw httpx PUTs", "≥ 0.8× the raw rate", ours, ceiling, 0.8)
+    report.target(
+        "throughput vs raw httpx PUTs (median of the rounds' ratios)",
+        "≥ 0.8× the raw rate",
+        f"{median_ratio:.2f}× (rounds: {', '.join(f'{r:.2f}×' for r in ratios)})",
+        median_ratio >= 0.8 and all(o.finished for _, o in pairs),
+    )
     ratio_target(
         report, "throughput vs procrastinate + tenacity", "≥ 3× procrastinate+tenacity", ours, peer.rate, 3
     )
@@ -341,8 +370,8 @@ def run(options: Options) -> Report:
         "the sandbox (FastAPI + JSON Schema validation per PUT), not by httpx.",
         "certsync logs one line per delivery at info (`dynamics_request`), rendered as JSON to "
         "/dev/null; procrastinate logs through stdlib logging at its default (warning).",
-        "certsync makes per event: a breaker decision and a success record (the shared breaker in "
-        "PostgreSQL, answered from a 1 s cache while it is closed and clean) and a fenced close of the "
-        "event, one round trip; per claim batch: rescue, breaker snapshot, claim.",
+        "certsync per event: the breaker's decision and success (answered from the PostgreSQL store's "
+        "1 s closed-clean cache) and a share of a group-committed close; per claim (a round of slots "
+        "kept ready): the claim. docs/architecture.md counts the statements.",
     ]
     return report
