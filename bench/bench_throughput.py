@@ -300,10 +300,15 @@ def _batches(items: list[dict[str, Any]], size: int = 1000) -> list[list[dict[st
 
 
 def requeue(database_url: str) -> None:
-    """Give every certification a new version, so the capture trigger writes a fresh waiting event for
-    each (the worker's next round has a whole backlog again); outside the timed part."""
+    """A fresh waiting event for every certification, as ``certsync backfill --all`` writes them (the
+    worker's next round has a whole backlog again); outside the timed part."""
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("update public.certifications set valid_until = valid_until + 1")
+        conn.execute(
+            "insert into public.certification_sync_events"
+            " (certification_id, certification_version, operation_type, state)"
+            " select c.id, c.version, 'certification.backfilled', private.certification_sync_state(c)"
+            " from public.certifications c"
+        )
         conn.execute("analyze public.certification_sync_events")
 
 
@@ -350,8 +355,8 @@ def run(options: Options) -> Report:
             f"contender at concurrency {CONCURRENCY} with httpx limits of 64 connections. Rate = "
             "certifications the portal holds at the end ÷ wall time of the run (each bounded to "
             f"{TIME_LIMIT:.0f} s). Raw httpx and the certsync worker alternate for {rounds} round(s) (before "
-            "each later certsync round every certification gets a new version, so a whole backlog waits "
-            "again); the target is read on the median of the per-round ratios, certsync ÷ the raw run "
+            "each later certsync round every certification gets a fresh waiting event, as a backfill "
+            "writes them); the target is read on the median of the per-round ratios, certsync ÷ the raw run "
             "just before it. procrastinate + tenacity runs once, then raw once more."
         ),
     )
