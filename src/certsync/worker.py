@@ -230,8 +230,8 @@ class SyncWorker:
         self._on_progress = on_progress
         # Each delivery task and the claims it holds (several for a bulk call).
         self._tasks: dict[asyncio.Task[None], tuple[ClaimedEvent, ...]] = {}
-        # Bulk mode claims one round ahead: work claimed and planned, started as slots free (by the
-        # task that frees one), so the portal is not left idle while the next claim runs.
+        # One round of work claimed ahead and planned, started as slots free (by the task that frees
+        # one), so the portal is not left idle while the next claim runs.
         self._ready: deque[_Planned] = deque()
         self._accepting = True
         self._auto_replay = auto_replay

@@ -119,19 +119,13 @@ class Outbox:
     async def mark_delivered_many(self, closes: Iterable[DeliveredClose], now: datetime) -> set[UUID]:
         """Close several events as delivered in one statement; the ids whose claim was still ours."""
         closing = list(closes)
-        if not closing:
-            return set()
-        rows = await fetch(
-            self._pool,
+        rows = await self._fenced(
             "mark_delivered_many",
-            {
-                "ids": [c.event.id for c in closing],
-                "tokens": [c.event.claim_token for c in closing],
-                "details": [c.detail for c in closing],
-                # None for a claim with no failed calls (most): no JSON to encode for it.
-                "attempt_logs": [_log(c.attempt_log) if c.attempt_log else None for c in closing],
-                "now": now,
-            },
+            [c.event for c in closing],
+            details=[c.detail for c in closing],
+            # None for a claim with no failed calls (most): no JSON to encode for it.
+            attempt_logs=[_log(c.attempt_log) if c.attempt_log else None for c in closing],
+            now=now,
         )
         return {r["id"] for r in rows}
 
@@ -186,36 +180,24 @@ class Outbox:
     ) -> int:
         """Hand back several claims never attempted (a stopping worker's work kept ready) in one
         statement, as ``release`` does one; returns how many were still ours."""
-        handing = list(events)
-        if not handing:
-            return 0
-        rows = await fetch(
-            self._pool,
-            "release_claims",
-            {
-                "ids": [e.id for e in handing],
-                "tokens": [e.claim_token for e in handing],
-                "available_at": available_at,
-                "detail": detail,
-            },
-        )
+        rows = await self._fenced("release_claims", list(events), available_at=available_at, detail=detail)
         return len(rows)
 
     async def extend_leases(self, events: Iterable[ClaimedEvent], lease_until: datetime) -> int:
         """Heartbeat for every claim still held; returns how many were extended."""
-        held = list(events)
-        if not held:
-            return 0
-        rows = await fetch(
-            self._pool,
-            "extend_leases",
-            {
-                "ids": [e.id for e in held],
-                "tokens": [e.claim_token for e in held],
-                "lease_until": lease_until,
-            },
-        )
+        rows = await self._fenced("extend_leases", list(events), lease_until=lease_until)
         return len(rows)
+
+    async def _fenced(
+        self, name: str, claims: Sequence[ClaimedEvent], **params: object
+    ) -> list[dict[str, Any]]:
+        """A statement over several claims, each fenced by its own token (``ids`` and ``tokens``, in
+        step); no round trip for none."""
+        if not claims:
+            return []
+        ids = [c.id for c in claims]
+        tokens = [c.claim_token for c in claims]
+        return await fetch(self._pool, name, {"ids": ids, "tokens": tokens, **params})
 
     async def depth(self) -> OutboxDepth:
         rows = await fetch(self._pool, "outbox_depth", {})
