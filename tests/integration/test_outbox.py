@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from uuid import UUID
 
 import psycopg
@@ -12,6 +14,7 @@ import pytest
 from certsync.store.errors import DatabaseUnavailable
 from certsync.store.outbox import NOTIFY_CHANNEL, DeliveredClose, DeliveredCloser, Outbox
 from certsync.store.pool import Pool, open_pool
+from certsync.store.queries import query
 from certsync.store.retry_queue import NewRetryEntry
 from tests.support.seed import seed_certifications
 
@@ -115,6 +118,41 @@ async def test_an_event_in_flight_blocks_a_second_claim_of_its_certification(poo
     second = await Outbox(pool, "worker-b").claim(datetime.now(UTC), limit=10, lease_seconds=60)
     assert len(first.events) == 1
     assert second.events == ()
+
+
+async def test_a_claim_looks_each_candidate_up_instead_of_comparing_every_pair(
+    pool: Pool,
+) -> None:
+    """With statistics that saw nothing in flight (as after a bulk load), the claim was planned on
+    one-row estimates: ``not exists`` became an anti join comparing every in-flight event with each
+    candidate (987 of a 1,600-event claim's 1,035 ms with 9,600 in flight), and the superseding join
+    compared every claimed event with every locked one. Each candidate is now one index lookup, and
+    nothing is compared pairwise."""
+    await seed_certifications(pool, 400)
+    async with pool.connection() as conn:
+        await conn.execute("analyze public.certification_sync_events")
+    in_flight = await Outbox(pool, "worker-a").claim(NOW, limit=200, lease_seconds=60)
+    assert len(in_flight.events) == 200
+    params = {"now": NOW, "limit": 200, "worker": "worker-b", "lease_seconds": 60, "organisation_id": None}
+    async with pool.connection() as conn:
+        cur = await conn.execute("explain (analyze, format json) " + query("claim_due_events"), params)
+        [row] = await cur.fetchall()
+        await conn.rollback()
+    nodes = list(_plan_nodes(row["QUERY PLAN"][0]["Plan"]))
+    compared = sum(n.get("Rows Removed by Join Filter", 0) for n in nodes)
+    in_flight_read = sum(
+        n["Actual Rows"] * n["Actual Loops"]
+        for n in nodes
+        if n.get("Relation Name") == "certification_sync_events" and "in_flight" in n.get("Index Name", "")
+    )
+    assert compared <= 200, f"{compared} row pairs compared by join filters: quadratic in the claim"
+    assert in_flight_read == 0, f"{in_flight_read} in-flight rows read for 200 candidates, none in flight"
+
+
+def _plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield node
+    for child in node.get("Plans", ()):
+        yield from _plan_nodes(child)
 
 
 async def test_concurrent_claimers_never_take_the_same_certification(pool: Pool, database_url: str) -> None:

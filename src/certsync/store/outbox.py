@@ -93,7 +93,6 @@ class Outbox:
             {
                 "now": now,
                 "limit": limit,
-                "scan": limit * 2,
                 "worker": self.worker_id,
                 "lease_seconds": lease_seconds,
                 "organisation_id": self.organisation_id,

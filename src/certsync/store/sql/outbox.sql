@@ -28,23 +28,29 @@ with due as (
   from public.certification_sync_events e
   where e.status = 'waiting' and e.available_at <= %(now)s
   order by e.available_at, e.id
-  limit %(scan)s * 4
+  limit %(limit)s * 4
 ),
 candidates as materialized (
   -- One claimer per certification: a transaction-scoped advisory lock, tried before any row lock.
   -- Without it, claimers scanning in the same order split a certification's rows between them
   -- (SKIP LOCKED) and every one of them gives the certification up. A certification with an event in
-  -- flight is passed over first (one statement, one snapshot: the same answer as later in it). Asked
-  -- here, per candidate, the planner looks each up in the in-flight index; asked after the grouping
-  -- below (estimated at one row) it scanned the whole index, dead entries and all, per certification:
-  -- 107 of a 1,600-event claim's 157 ms.
+  -- flight is passed over first (one statement, one snapshot: the same answer as later in it).
+  -- The in-flight question is a scalar subquery so that it stays a lookup per candidate in the
+  -- in-flight index, whatever the statistics say. As NOT EXISTS it became an anti join, and the
+  -- planner, whose statistics had seen no event in flight, materialised every in-flight event and
+  -- compared each candidate with each: 15.4 million comparisons, 987 of a 1,600-event claim's 1,035 ms
+  -- with 9,600 events in flight, a cost that grew with every claim of a drain. (The dropped lease
+  -- index, 20261207100000, was its other wrong choice.)
+  --
+  -- Only as many candidates as the claim takes: all but the rare one whose waiting events another
+  -- transaction holds locked (below) are claimed, and one passed over waits for the next claim.
+  -- Twice as many, as before, locked twice the rows it claimed.
   select d.certification_id
   from (select distinct due.certification_id from due) d
-  where not exists (
-      select 1 from public.certification_sync_events f
-      where f.certification_id = d.certification_id and f.status = 'in_flight')
+  where (select f.id from public.certification_sync_events f
+         where f.certification_id = d.certification_id and f.status = 'in_flight') is null
     and pg_try_advisory_xact_lock(hashtextextended(d.certification_id::text, 0))
-  limit %(scan)s
+  limit %(limit)s
 ),
 locked as (
   select e.id, e.certification_id, e.certification_version, e.capture_seq, e.operation_type
@@ -54,23 +60,21 @@ locked as (
   for update skip locked
 ),
 per_certification as (
-  -- The newest event by version, then by capture order (a membership change keeps the version).
+  -- Its locked events, newest first: by version, then by capture order (a membership change keeps the
+  -- version). The first is claimed, the others are superseded by it.
   select l.certification_id,
-         (array_agg(l.id order by l.certification_version desc, l.capture_seq desc))[1] as newest_id,
-         count(*) as locked_count,
+         array_agg(l.id order by l.certification_version desc, l.capture_seq desc) as ids,
          bool_or(l.operation_type in ('certification.deleted', 'certification.membership_changed',
                                       'certification.repaired')) as may_unlist
   from locked l
   group by l.certification_id
 ),
 claimable as (
-  select p.certification_id, p.newest_id, p.may_unlist
+  select p.certification_id, p.ids[1] as newest_id, p.ids[2:] as older_ids, p.may_unlist
   from per_certification p
-  where p.locked_count = (
+  where cardinality(p.ids) = (
       select count(*) from public.certification_sync_events w
       where w.certification_id = p.certification_id and w.status = 'waiting' and w.available_at <= %(now)s)
-  order by p.certification_id
-  limit %(limit)s
 ),
 claimed as (
   update public.certification_sync_events e
@@ -82,10 +86,14 @@ claimed as (
             e.attempts, e.claim_token, c.may_unlist
 ),
 superseded as (
+  -- Each certification's older events, from its own list: a join of the claimed events with the
+  -- locked ones by certification was planned, on a one-row estimate, as a nested loop comparing
+  -- every pair (quadratic in the claim's size).
   update public.certification_sync_events e
-  set status = 'superseded', superseded_by = k.id, closed_at = %(now)s
-  from claimed k, locked l
-  where l.id = e.id and l.certification_id = k.certification_id and e.id <> k.id
+  set status = 'superseded', superseded_by = c.newest_id, closed_at = %(now)s
+  from claimable c
+  cross join lateral unnest(c.older_ids) as older(id)
+  where e.id = older.id
   returning e.id
 )
 select k.*,

@@ -1,0 +1,11 @@
+-- The claim asks, for each candidate certification, whether one of its events is in flight. With two
+-- partial indexes on in-flight events, the planner (whose statistics usually saw none in flight)
+-- scanned the lease index whole and filtered it by certification, or materialised every in-flight
+-- event and compared each candidate with each: 15 million comparisons, 987 of a 1,600-event claim's
+-- 1,035 ms with 9,600 events in flight. Without the lease index the only in-flight index is the one
+-- keyed by certification, and the claim looks each candidate up in it (outbox.sql).
+--
+-- The rescue of expired leases (once a second per worker) now reads the in-flight index, which holds
+-- only what the workers have claimed (bounded by their concurrency), and filters it by lease: about a
+-- millisecond for 10,000 in flight. One index fewer also makes every claim and close cheaper.
+drop index public.certification_sync_events_lease_idx;
