@@ -10,9 +10,17 @@ from uuid import UUID
 
 import psycopg
 import pytest
+import structlog.testing
 
 from certsync.store.errors import DatabaseUnavailable
-from certsync.store.outbox import NOTIFY_CHANNEL, DeliveredClose, DeliveredCloser, Outbox
+from certsync.store.outbox import (
+    CLAIM_PART_MIN_EVENTS,
+    NOTIFY_CHANNEL,
+    Claim,
+    DeliveredClose,
+    DeliveredCloser,
+    Outbox,
+)
 from certsync.store.pool import Pool, open_pool
 from certsync.store.queries import query
 from certsync.store.retry_queue import NewRetryEntry
@@ -138,7 +146,8 @@ async def test_a_claim_looks_each_candidate_up_instead_of_comparing_every_pair(
         cur = await conn.execute("explain (analyze, format json) " + query("claim_due_events"), params)
         [row] = await cur.fetchall()
         await conn.rollback()
-    nodes = list(_plan_nodes(row["QUERY PLAN"][0]["Plan"]))
+    plan: list[dict[str, Any]] = row["QUERY PLAN"]  # type: ignore[assignment]
+    nodes = list(_plan_nodes(plan[0]["Plan"]))
     compared = sum(n.get("Rows Removed by Join Filter", 0) for n in nodes)
     in_flight_read = sum(
         n["Actual Rows"] * n["Actual Loops"]
@@ -177,6 +186,60 @@ async def test_concurrent_claimers_never_take_the_same_certification(pool: Pool,
         for p in pools:
             await p.close()
     assert sorted(claimed) == sorted(certs)  # every certification exactly once
+
+
+async def test_a_large_claim_runs_as_concurrent_parts_each_event_once_oldest_first(pool: Pool) -> None:
+    certs = await seed_certifications(pool, 2 * CLAIM_PART_MIN_EVENTS + 50)
+    outbox = Outbox(pool, "worker-a")
+    parts: list[int] = []
+    running = 0
+    claim_part = outbox._claim_part
+
+    async def counted(now: datetime, limit: int, lease_seconds: float) -> Claim:
+        nonlocal running
+        running += 1
+        parts.append(running)  # how many statements were running as this one started
+        try:
+            return await claim_part(now, limit, lease_seconds)
+        finally:
+            running -= 1
+
+    outbox._claim_part = counted  # type: ignore[method-assign]
+    first = await outbox.claim(NOW, limit=len(certs), lease_seconds=60)
+    assert parts == [1, 2]  # two statements, the second started while the first ran
+    rest = await outbox.claim(NOW, limit=len(certs), lease_seconds=60)  # any a racing part passed over
+    claimed = [e.certification_id for e in first.events + rest.events]
+    assert sorted(claimed) == sorted(certs)  # every certification once, none twice
+    order = [(e.occurred_at, e.id) for e in first.events]
+    assert order == sorted(order)
+
+
+async def test_a_failed_claim_part_leaves_the_other_parts_claims_to_deliver(pool: Pool) -> None:
+    await seed_certifications(pool, 2 * CLAIM_PART_MIN_EVENTS)
+    outbox = Outbox(pool, "worker-a")
+    claim_part = outbox._claim_part
+    calls = 0
+
+    async def second_fails(now: datetime, limit: int, lease_seconds: float) -> Claim:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise DatabaseUnavailable("database unavailable (claim_due_events): connection lost")
+        return await claim_part(now, limit, lease_seconds)
+
+    outbox._claim_part = second_fails  # type: ignore[method-assign]
+    with structlog.testing.capture_logs() as logs:
+        claim = await outbox.claim(NOW, limit=2 * CLAIM_PART_MIN_EVENTS, lease_seconds=60)
+    assert len(claim.events) == CLAIM_PART_MIN_EVENTS  # the part that succeeded: claimed, so returned
+    assert [entry["event"] for entry in logs] == ["claim_part_failed"]
+    assert "connection lost" in logs[0]["error"]
+
+    async def every_part_fails(now: datetime, limit: int, lease_seconds: float) -> Claim:
+        raise DatabaseUnavailable("database unavailable (claim_due_events): connection lost")
+
+    outbox._claim_part = every_part_fails  # type: ignore[method-assign]
+    with pytest.raises(DatabaseUnavailable):
+        await outbox.claim(NOW, limit=2 * CLAIM_PART_MIN_EVENTS, lease_seconds=60)
 
 
 async def test_a_rescued_claim_cannot_be_closed_by_the_worker_that_lost_it(pool: Pool) -> None:
