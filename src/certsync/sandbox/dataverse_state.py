@@ -148,6 +148,11 @@ class TableMetadata:
     columns: tuple[Column, ...] = PINNED_COLUMNS
     key_attributes: tuple[str, ...] | None = ("hlf_certsyncid",)
     key_status: KeyStatus = "Active"
+    # Each field of every row written is looked up by name: a dict, built with the metadata.
+    _by_name: dict[str, Column] = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_name", {column.logical_name: column for column in self.columns})
 
     @property
     def key_column(self) -> str:
@@ -158,7 +163,7 @@ class TableMetadata:
         return f"{CRM_NAMESPACE}{self.logical_name}"
 
     def column(self, name: str) -> Column | None:
-        return next((column for column in self.columns if column.logical_name == name), None)
+        return self._by_name.get(name)
 
     def changed(
         self,
@@ -849,4 +854,5 @@ _COERCERS: Mapping[AttributeType, Callable[[Column, object, str], object]] = {
 
 
 def _utc_seconds(moment: datetime) -> str:
-    return moment.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # isoformat, not strftime: twice per row written, and strftime was 13 % of a bulk drain's emulator.
+    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
