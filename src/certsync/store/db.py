@@ -46,5 +46,4 @@ async def fetch(pool: Pool, name: str, params: dict[str, Any] | None) -> list[di
     with driver_errors(name):
         async with pool.connection() as conn:
             cur = await conn.execute(query(name), params)
-            rows = await cur.fetchall() if cur.description else []
-            return [dict(r) for r in rows]
+            return await cur.fetchall() if cur.description else []

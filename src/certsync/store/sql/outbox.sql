@@ -98,8 +98,11 @@ superseded as (
 )
 select k.*,
        case when c.id is not null then private.certification_sync_state(c) end as current_state,
+       -- Every mentor is in scope when no organisation is set; asked here first, because the function
+       -- (not inlined: it sets its search_path) cost 3 µs per claimed event to say so.
        c.id is not null
-         and private.peer_mentor_in_organisation(c.peer_mentor_id, %(organisation_id)s::uuid) as in_scope,
+         and (%(organisation_id)s::uuid is null
+              or private.peer_mentor_in_organisation(c.peer_mentor_id, %(organisation_id)s::uuid)) as in_scope,
        (select count(*) from superseded) as superseded_count
 from claimed k
 left join public.certifications c on c.id = k.certification_id
