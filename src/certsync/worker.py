@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from functools import partial
@@ -102,6 +103,30 @@ class HeartbeatRecorder:
             # Also when the worker cancels its side tasks after the drain: say it stopped.
             with contextlib.suppress(DatabaseUnavailable):
                 await asyncio.shield(self._beats.stopped(self._worker_id, now=self._clock.now()))
+
+
+class _HeapFreeze:
+    """While a worker runs, what existed when it started (modules, validators, the runtime, a test's
+    fixtures) is out of the garbage collector's sight (``gc.freeze``), so each full collection walks
+    only what the deliveries made. Over a 20,000-event bulk drain the full collections took 426 ms
+    of the worker's 1.45 s of CPU, walking ~150,000 objects each time; 11–22 ms frozen. Both calls
+    are constant time; the last worker of the process to stop (tests and the demo run several) hands
+    everything back (``gc.unfreeze``)."""
+
+    running = 0
+
+    @classmethod
+    @contextlib.contextmanager
+    def held(cls) -> Iterator[None]:
+        if cls.running == 0:
+            gc.freeze()
+        cls.running += 1
+        try:
+            yield
+        finally:
+            cls.running -= 1
+            if cls.running == 0:
+                gc.unfreeze()
 
 
 async def _sleep_unless(stop: asyncio.Event, sleeping: Awaitable[None]) -> None:
@@ -254,6 +279,10 @@ class SyncWorker:
         """
         stop = stop or asyncio.Event()
         self._failure = None
+        with _HeapFreeze.held():
+            return await self._run(stop, once=once)
+
+    async def _run(self, stop: asyncio.Event, *, once: bool) -> WorkerStats:
         background = [self._side_task(c.run(stop), type(c).__name__, stop) for c in self._companions]
         try:
             if self._service is None:

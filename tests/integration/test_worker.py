@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 from collections.abc import AsyncIterator, Iterable
 from datetime import datetime
 from typing import Any
@@ -24,7 +25,7 @@ from certsync.store.breaker_state import PostgresBreakerStore
 from certsync.store.errors import DatabaseUnavailable
 from certsync.store.outbox import ClaimedEvent, Outbox
 from certsync.store.pool import Pool
-from certsync.worker import SyncWorker, WorkerOptions
+from certsync.worker import SyncWorker, WorkerOptions, WorkerStats
 from tests.support.databases import database_outage
 from tests.support.runtime import FAST, puts, settings_for, wait_until
 from tests.support.seed import outbox_statuses, seed_certifications, set_status
@@ -138,6 +139,29 @@ async def test_two_workers_deliver_every_certification_exactly_once(
     assert sum(r.delivered for r in results) == 120
     paths = sorted(r.path for r in puts(sandbox))
     assert paths == sorted(f"/api/v1/certifications/{c}" for c in certs)
+
+
+async def test_while_workers_run_the_heap_they_started_with_is_frozen_and_handed_back_after(
+    pool: Pool, database_url: str, sandbox: SandboxServer
+) -> None:
+    await seed_certifications(pool, 60)
+    frozen: list[int] = []
+
+    def watch(_: WorkerStats) -> None:
+        frozen.append(gc.get_freeze_count())
+
+    assert gc.get_freeze_count() == 0
+    async with (
+        open_runtime(settings_for(database_url, sandbox)) as a,
+        open_runtime(settings_for(database_url, sandbox)) as b,
+    ):
+        results = await asyncio.gather(
+            a.worker(FAST, on_progress=watch).run(once=True),
+            b.worker(FAST, on_progress=watch).run(once=True),
+        )
+    assert sum(r.delivered for r in results) == 60
+    assert frozen and min(frozen) > 0  # frozen for as long as either ran
+    assert gc.get_freeze_count() == 0  # and handed back once both stopped
 
 
 class IdleSnapshotOutage:
