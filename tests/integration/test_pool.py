@@ -9,7 +9,6 @@ from typing import Any
 import psycopg
 import pytest
 
-from certsync.store.db import fetch
 from certsync.store.pool import Pool, open_pool
 
 pytestmark = pytest.mark.integration
@@ -67,25 +66,3 @@ async def test_a_connection_the_server_terminated_is_replaced_before_it_is_used(
 
     assert after != before
     assert checks == [before]  # the one check made: on the connection that had something to say
-
-
-async def test_a_named_query_runs_in_autocommit_and_its_connection_goes_back_as_it_came(
-    one_connection: Pool,
-) -> None:
-    """``fetch`` sends its one statement in autocommit (one round trip, not BEGIN, it, COMMIT); code that
-    takes the connection next still gets a transaction opened for it, as psycopg's default does."""
-    seen: list[bool] = []
-    real = psycopg.AsyncConnection.execute
-
-    async def execute(self: Connection, query: Any, *args: Any, **kwargs: Any) -> Any:
-        seen.append(self.autocommit)
-        return await real(self, query, *args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(psycopg.AsyncConnection, "execute", execute)
-        await fetch(one_connection, "outbox_depth", {})
-    assert seen == [True]
-    async with one_connection.connection() as conn:
-        assert conn.autocommit is False
-        await conn.execute("select 1")
-        assert conn.info.transaction_status is psycopg.pq.TransactionStatus.INTRANS
