@@ -6,6 +6,7 @@
 -- keyed by certification, and the claim looks each candidate up in it (outbox.sql).
 --
 -- The rescue of expired leases (once a second per worker) now reads the in-flight index, which holds
--- only what the workers have claimed (bounded by their concurrency), and filters it by lease: about a
--- millisecond for 10,000 in flight. One index fewer also makes every claim and close cheaper.
+-- only what the workers have claimed (bounded by their concurrency), and filters it by lease: 1.9 ms for
+-- 10,000 in flight. One index fewer also makes every claim cheaper (a close leaves
+-- nothing in flight, so it never wrote to it).
 drop index public.certification_sync_events_lease_idx;
