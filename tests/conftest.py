@@ -44,6 +44,7 @@ else:
     os.environ[_RUN_TERMINAL_SIZE] = json.dumps({name: os.environ.get(name) for name in _TERMINAL_SIZE})
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the xdist_group marks into groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist (``make test`` runs ``-n 2 --dist loadgroup``): the tests of the fault suite's
     own PostgreSQL (``private_server``) share one worker, so only one such server is started; and the
@@ -62,6 +63,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return (item.get_closest_marker("slow") is None, not slow_alone)
 
     items.sort(key=order)  # stable: within each rank, the collection order
+
+
+_UNGROUPED = pytest.StashKey[set[str]]()
+
+
+@pytest.hookimpl(trylast=True, specname="pytest_collection_modifyitems")  # after xdist groups
+def pytest_check_xdist_groups(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Find the tests that ``--dist loadgroup`` did not group: they could run at once on two workers (the
+    demo tests would drop each other's ``certsync_demo`` database), so each fails at setup instead. xdist
+    groups by renaming each marked item's node id to ``…@group``; pytest 9.2's structured node ids
+    silently undid that (pytest-dev/pytest-xdist#1386), which is why pyproject.toml holds pytest below
+    9.2. (Raising here instead would crash the worker without showing why.)"""
+    if getattr(config.option, "loadgroup", False):
+        config.stash[_UNGROUPED] = {
+            item.nodeid
+            for item in items
+            if item.get_closest_marker("xdist_group") is not None
+            and "@" not in item.nodeid.rpartition("]")[2]
+        }
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.nodeid in item.config.stash.get(_UNGROUPED, set()):
+        pytest.fail(
+            "--dist loadgroup did not put this xdist_group test in its group, so it may run at once with"
+            " the others: see pytest-dev/pytest-xdist#1386 and the pytest pin in pyproject.toml",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(autouse=True)
