@@ -277,7 +277,8 @@ async def run_demo(
 
 def demo_settings(settings: Settings, database_url: str, portal_url: str, api: DemoApi) -> Settings:
     """The settings the demo runs with: its own database and local portal, whatever the environment
-    says about a real one (its wire, table names, organisation scope and Entra ID sign-in included)."""
+    says about a real one (its wire, table names, organisation scope and Entra ID sign-in included).
+    The local portal's own token always: a real portal's token in the environment is never sent to it."""
     defaults = Settings.model_fields
     return settings.model_copy(
         update={
@@ -285,7 +286,7 @@ def demo_settings(settings: Settings, database_url: str, portal_url: str, api: D
             "dynamics_api": api,
             "dynamics_base_url": portal_url,
             "dynamics_sync_enabled": True,
-            "dynamics_token": settings.dynamics_token or _secret(DEFAULT_TOKEN),
+            "dynamics_token": _secret(DEFAULT_TOKEN),
             "dynamics_token_url": None,
             "dynamics_tenant_id": None,
             "dynamics_client_certificate": None,
