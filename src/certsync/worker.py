@@ -130,11 +130,17 @@ class _HeapFreeze:
 
 
 async def _sleep_unless(stop: asyncio.Event, sleeping: Awaitable[None]) -> None:
-    """Wait for ``sleeping`` or ``stop``, whichever comes first."""
+    """Wait for ``sleeping`` or ``stop``, whichever comes first.
+
+    The two waits are cancelled however this ends, a cancellation of the caller included (the
+    heartbeat is cancelled in this wait when the worker stops): left behind, a pending ``stop.wait()``
+    was destroyed with the event loop ("Task was destroyed but it is pending!")."""
     tasks = [asyncio.ensure_future(sleeping), asyncio.ensure_future(stop.wait())]
-    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    for task in tasks:
-        task.cancel()
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 class WorkerFailed(CertsyncError):
@@ -503,11 +509,13 @@ class SyncWorker:
             self._wake.clear()
             return
         signals = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
-        await asyncio.wait(
-            [*signals, *self._tasks, *self._replays], timeout=seconds, return_when=asyncio.FIRST_COMPLETED
-        )
-        for signal in signals:
-            signal.cancel()
+        try:
+            await asyncio.wait(
+                [*signals, *self._tasks, *self._replays], timeout=seconds, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:  # as in _sleep_unless: never leave a wait pending behind a cancellation
+            for signal in signals:
+                signal.cancel()
         self._wake.clear()
 
     async def _deliver(self, event: ClaimedEvent) -> None:

@@ -20,9 +20,17 @@ from certsync.delivery.sync_service import HLFDynamicsSyncService
 from certsync.resilience.breaker import DynamicsCircuitBreaker, InMemoryBreakerStore
 from certsync.resilience.clock import Sleep
 from certsync.resilience.testing import ManualClock
+from certsync.store.heartbeats import WorkerHeartbeats
 from certsync.store.outbox import Claim, Outbox
 from certsync.store.pool import Pool
-from certsync.worker import Companion, Listener, SyncWorker, WorkerFailed, WorkerOptions
+from certsync.worker import (
+    Companion,
+    HeartbeatRecorder,
+    Listener,
+    SyncWorker,
+    WorkerFailed,
+    WorkerOptions,
+)
 
 HOUR = 3600.0
 IDLE = WorkerOptions(poll_seconds=HOUR, sweep=False)
@@ -153,3 +161,67 @@ def test_a_drain_grace_longer_than_the_lease_is_refused() -> None:
 def test_a_heartbeat_no_shorter_than_the_lease_is_refused() -> None:
     with pytest.raises(ValueError, match=r"heartbeat_seconds \(10\.0\) must be shorter than lease_seconds"):
         WorkerOptions(lease_seconds=10.0, heartbeat_seconds=10.0, shutdown_grace_seconds=5.0)
+
+
+# Nothing is left pending when the worker ends ---------------------------------------------------------
+
+
+class RecordedBeats:
+    """The heartbeat store, in memory: which beats and stops it was told of."""
+
+    def __init__(self) -> None:
+        self.beats = 0
+        self.said_stopped = asyncio.Event()
+
+    async def beat(self, worker_id: str, *, now: datetime, started_at: datetime, sending: bool) -> None:
+        self.beats += 1
+
+    async def stopped(self, worker_id: str, *, now: datetime) -> None:
+        self.said_stopped.set()
+
+
+class DueOnceTheHeartbeatSleeps(NothingDue):
+    """Nothing to claim, answered only once the heartbeat companion is in its sleep, so that the worker
+    (``once``) ends and cancels the companion in the middle of that wait."""
+
+    def __init__(self, sleeping: asyncio.Event) -> None:
+        self._sleeping = sleeping
+
+    async def claim(self, now: datetime, *, limit: int, lease_seconds: float) -> Claim:
+        await self._sleeping.wait()
+        return await super().claim(now, limit=limit, lease_seconds=lease_seconds)
+
+
+async def test_a_worker_that_ends_leaves_no_wait_of_its_own_pending() -> None:
+    """The heartbeat companion is cancelled in its sleep when the worker ends; the waits it made on
+    the sleep and on ``stop`` go with it. Left pending, they were destroyed with the event loop
+    ("Task was destroyed but it is pending!", seen at the end of every benchmark run)."""
+    sleeping = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        sleeping.set()
+        await asyncio.Event().wait()
+
+    clock = ManualClock()
+    beats = RecordedBeats()
+    heartbeat = HeartbeatRecorder(cast(WorkerHeartbeats, beats), "w1", clock=clock, sleep=sleep, sending=True)
+    subject = SyncWorker(
+        pool=cast(Pool, None),
+        outbox=cast(Outbox, DueOnceTheHeartbeatSleeps(sleeping)),
+        service=cast(HLFDynamicsSyncService, ClosedCircuit(clock)),
+        clock=clock,
+        sleep=never_wakes,
+        zone=ZoneInfo("Europe/Oslo"),
+        companions=(heartbeat,),
+        options=IDLE,
+    )
+    before = asyncio.all_tasks()
+
+    async with asyncio.timeout(GUARD_SECONDS):
+        await subject.run(asyncio.Event(), once=True)
+    await asyncio.sleep(0)  # a cancelled task ends on the loop's next turn
+
+    assert beats.beats == 1, "the companion ran"
+    assert beats.said_stopped.is_set(), "and said it stopped"
+    left = [task for task in asyncio.all_tasks() - before if not task.done()]
+    assert left == [], [task.get_coro() for task in left]
