@@ -302,6 +302,24 @@ async def test_429s_pause_sending_but_never_open_the_circuit() -> None:
     assert h.clock.sleeps == [1.0, 1.0, 1.0]
 
 
+@respx.mock
+async def test_a_burst_of_429s_longer_than_the_retries_uses_none_of_them() -> None:
+    """A 429 pauses the same attempt (as a bulk call's does): five in a row, more than the policy's
+    three retries, still end in one delivered attempt, with no retry scheduled and nothing queued."""
+    h = Harness(threshold=1)
+    route = put_route(
+        respx.mock, *[httpx.Response(429, headers={"Retry-After": "2"})] * 5, httpx.Response(200, json={})
+    )
+    with capture_logs() as logs:
+        outcome = await h.service.deliver(upsert(), operation_type="certification.status_changed")
+    assert (outcome.outcome, outcome.attempts) == (Outcome.DELIVERED, 1)
+    assert route.call_count == 6
+    assert h.clock.sleeps == [2.0] * 5  # the gate's pauses, and no retry schedule on top
+    assert [e["attempt"] for e in logs if e["event"] == "dynamics_attempt"] == [1] * 5
+    assert not [e for e in logs if e["event"] == "retry_scheduled"]
+    assert h.sink.failures == []
+
+
 # --- the probe of a half-open circuit with nothing to send ------------------------------------------
 
 

@@ -120,8 +120,9 @@ class BulkPortal(Portal, Protocol):
     async def upsert_many(self, bodies: Sequence[CertificationUpsert]) -> DeliveryReceipt: ...
 
 
-# Consecutive 429s a bulk call waits out without using a retry, before it counts them as one.
-_MAX_BULK_PAUSES = 20
+# Consecutive 429s one attempt (a single request or a bulk call) waits out without using a retry,
+# before it counts them as one.
+_MAX_RATE_LIMIT_PAUSES = 20
 
 
 class HLFDynamicsSyncService:
@@ -232,7 +233,7 @@ class HLFDynamicsSyncService:
         number: int,
         last: RetryLater | None,
     ) -> list[DeliveryOutcome] | RetryLater:
-        for _pause in range(_MAX_BULK_PAUSES):
+        for _pause in range(_MAX_RATE_LIMIT_PAUSES):
             await self._gate.wait()
             try:
                 await self._breaker.before_call()
@@ -261,7 +262,7 @@ class HLFDynamicsSyncService:
             for _ in operations:
                 self._instrumentation.emit(self._delivered_events[number])
             return [self._delivered[number]] * len(operations)
-        return RetryLater(f"still rate limited after {_MAX_BULK_PAUSES} pauses")
+        return RetryLater(f"still rate limited after {_MAX_RATE_LIMIT_PAUSES} pauses")
 
     async def _split(
         self, items: Sequence[BulkItem], refusal: DynamicsError, when_open: Literal["hold", "queue"]
@@ -329,35 +330,39 @@ class HLFDynamicsSyncService:
         self, operation: _Operation, number: int, last: RetryLater | None
     ) -> DeliveryOutcome | RetryLater:
         """Attempt ``number``: a result ends the loop; ``RetryLater`` asks the loop for another."""
-        await self._gate.wait()
-        try:
-            await self._breaker.before_call()
-        except CircuitOpenError as exc:
-            return await self._refused_by_circuit(operation, exc, made=number - 1, last=last)
-        started = self._clock.now()
         request = operation.request
-        try:
-            if isinstance(request, CertificationDelete):
-                await self._portal.delete_certification(request)
-            else:
-                await self._portal.upsert_certification(request)
-        except PermanentDynamicsError as exc:
-            # The portal answered, so it is healthy: a refusal of this request is not an outage.
+        for _pause in range(_MAX_RATE_LIMIT_PAUSES):
+            await self._gate.wait()
+            try:
+                await self._breaker.before_call()
+            except CircuitOpenError as exc:
+                return await self._refused_by_circuit(operation, exc, made=number - 1, last=last)
+            started = self._clock.now()
+            try:
+                if isinstance(request, CertificationDelete):
+                    await self._portal.delete_certification(request)
+                else:
+                    await self._portal.upsert_certification(request)
+            except PermanentDynamicsError as exc:
+                # The portal answered, so it is healthy: a refusal of this request is not an outage.
+                await self._breaker.record_success()
+                self._log_failed_attempt(operation, number, started, exc)
+                return await self._record(operation, exc.reason, number, "requires_investigation")
+            except RateLimitedError as exc:
+                # A 429 is the portal healthy and asking us to slow down: everything pauses for its
+                # Retry-After (SendGate). It is not an outage, so it does not count toward opening the
+                # circuit (three 429s would otherwise stop all delivery for a whole cool-down), and not
+                # a failure, so it uses up no retry: the same attempt goes again once the gate opens,
+                # as a bulk call's does (a burst of 429s would otherwise queue single changes).
+                self._log_failed_attempt(operation, number, started, exc)
+                self._gate.pause_for(exc.retry_after or self._policy.base_delay, reason=exc.reason)
+                continue
+            except (TransientDynamicsError, AuthenticationError) as exc:
+                return await self._failed(operation, number, started, exc)
             await self._breaker.record_success()
-            self._log_failed_attempt(operation, number, started, exc)
-            return await self._record(operation, exc.reason, number, "requires_investigation")
-        except RateLimitedError as exc:
-            # A 429 is the portal healthy and asking us to slow down: everything pauses for its
-            # Retry-After (SendGate); it is not an outage, so it does not count toward opening the
-            # circuit (three 429s would otherwise stop all delivery for a whole cool-down).
-            self._log_failed_attempt(operation, number, started, exc)
-            self._gate.pause_for(exc.retry_after or self._policy.base_delay, reason=exc.reason)
-            return RetryLater(exc.reason, exc.retry_after)
-        except (TransientDynamicsError, AuthenticationError) as exc:
-            return await self._failed(operation, number, started, exc)
-        await self._breaker.record_success()
-        self._instrumentation.emit(self._delivered_events[number])
-        return self._delivered[number]
+            self._instrumentation.emit(self._delivered_events[number])
+            return self._delivered[number]
+        return RetryLater(f"still rate limited after {_MAX_RATE_LIMIT_PAUSES} pauses")
 
     async def _failed(
         self,
