@@ -1,4 +1,5 @@
-"""The worker's side tasks are supervised: one that dies ends the worker loudly, and promptly.
+"""The worker's side tasks are supervised: one that dies ends the worker loudly, and promptly; it leaves
+no wait of its own pending; and its housekeeping runs at most once per interval.
 
 No database: the outbox finds nothing to claim, the breaker is the in-memory one, and the heartbeat's
 sleep never returns unless a test says so. The poll interval is an hour, so a worker that only noticed
@@ -225,3 +226,80 @@ async def test_a_worker_that_ends_leaves_no_wait_of_its_own_pending() -> None:
     assert beats.said_stopped.is_set(), "and said it stopped"
     left = [task for task in asyncio.all_tasks() - before if not task.done()]
     assert left == [], [task.get_coro() for task in left]
+
+
+# The once-a-second housekeeping gate --------------------------------------------------------------------
+
+
+class CountedTicks(NothingDue):
+    """Counts the lease rescues; reports each claim (one per pass of the worker's loop)."""
+
+    def __init__(self) -> None:
+        self.rescues = 0
+        self.passes: asyncio.Queue[None] = asyncio.Queue()
+
+    async def rescue_expired(self, now: datetime) -> int:
+        self.rescues += 1
+        return 0
+
+    async def claim(self, now: datetime, *, limit: int, lease_seconds: float) -> Claim:
+        self.passes.put_nowait(None)
+        return await super().claim(now, limit=limit, lease_seconds=lease_seconds)
+
+
+class Notifications:
+    """A listener the test drives: each ``notify`` wakes the idle worker for one more pass."""
+
+    def __init__(self) -> None:
+        self._wake: asyncio.Event | None = None
+
+    async def run(self, wake: asyncio.Event, stop: asyncio.Event) -> None:
+        self._wake = wake
+        await stop.wait()
+
+    def notify(self) -> None:
+        assert self._wake is not None, "the worker has started its listener"
+        self._wake.set()
+
+
+async def test_expired_leases_are_rescued_at_most_once_per_housekeeping_interval_however_often_it_wakes() -> (
+    None
+):
+    """Every pass of the loop (a notification, a delivery finishing) would otherwise run the rescue
+    statement: at a busy worker's rate, one per claim. The injected clock decides; no real time passes."""
+    clock = ManualClock()
+    outbox = CountedTicks()
+    notifications = Notifications()
+    subject = SyncWorker(
+        pool=cast(Pool, None),
+        outbox=cast(Outbox, outbox),
+        service=cast(HLFDynamicsSyncService, ClosedCircuit(clock)),
+        clock=clock,
+        sleep=never_wakes,
+        zone=ZoneInfo("Europe/Oslo"),
+        listener=notifications,
+        options=WorkerOptions(poll_seconds=HOUR, sweep=False, housekeeping_check_seconds=1.0),
+    )
+    stop = asyncio.Event()
+
+    async def passes(count: int) -> None:
+        for _ in range(count):
+            notifications.notify()
+            await outbox.passes.get()
+
+    async with asyncio.timeout(GUARD_SECONDS):
+        running = asyncio.create_task(subject.run(stop))
+        await outbox.passes.get()
+        assert outbox.rescues == 1, "the first pass rescues"
+        await passes(5)
+        assert outbox.rescues == 1, "five more passes in the same instant do not"
+        clock.advance(0.999)
+        await passes(2)
+        assert outbox.rescues == 1, "nor a moment before the interval ends"
+        clock.advance(0.001)
+        await passes(1)
+        assert outbox.rescues == 2, "the first pass once it has ended does"
+        await passes(3)
+        assert outbox.rescues == 2
+        stop.set()
+        await running
