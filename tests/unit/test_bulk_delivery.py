@@ -182,6 +182,19 @@ async def test_a_429_pauses_the_batch_and_uses_up_no_retry() -> None:
 
 
 @respx.mock
+async def test_twenty_429s_in_a_row_count_as_one_failed_call_for_the_whole_batch() -> None:
+    h = Harness()
+    throttled = httpx.Response(429, headers={"Retry-After": "1"})
+    route = respx.post(BULK).mock(side_effect=[*[throttled] * 20, httpx.Response(200, json={})])
+
+    outcomes = await h.service.deliver_bulk(h.items(3))
+
+    assert route.call_count == 21
+    assert [(o.outcome, o.attempts) for o in outcomes] == [(Outcome.DELIVERED, 2)] * 3
+    assert (await h.breaker.snapshot()).consecutive_failures == 0
+
+
+@respx.mock
 async def test_the_circuit_opening_mid_batch_queues_every_item_as_pending() -> None:
     h = Harness(threshold=2)
     respx.post(BULK).mock(return_value=httpx.Response(502))

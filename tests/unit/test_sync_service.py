@@ -320,6 +320,22 @@ async def test_a_burst_of_429s_longer_than_the_retries_uses_none_of_them() -> No
     assert h.sink.failures == []
 
 
+@respx.mock
+async def test_twenty_429s_in_a_row_count_as_one_failed_attempt() -> None:
+    """The pauses of one attempt are bounded: after the twentieth 429 it is one retry used up (the
+    portal may be refusing us for good), then the next attempt starts afresh."""
+    h = Harness(threshold=10)
+    route = put_route(
+        respx.mock, *[httpx.Response(429, headers={"Retry-After": "1"})] * 20, httpx.Response(200, json={})
+    )
+    with capture_logs() as logs:
+        outcome = await h.service.deliver(upsert(), operation_type="certification.status_changed")
+    assert (outcome.outcome, outcome.attempts) == (Outcome.DELIVERED, 2)
+    assert route.call_count == 21
+    [retry] = [e for e in logs if e["event"] == "retry_scheduled"]
+    assert retry["after"] == "still rate limited after 20 pauses"
+
+
 # --- the probe of a half-open circuit with nothing to send ------------------------------------------
 
 
