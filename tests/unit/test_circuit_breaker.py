@@ -231,6 +231,15 @@ async def test_a_success_while_open_closes_the_circuit() -> None:
     assert (await breaker.before_call()).state is CircuitState.CLOSED
 
 
+async def test_a_success_on_a_stored_clean_closed_circuit_keeps_the_same_snapshot() -> None:
+    breaker, store, _ = make_breaker()
+    await trip(breaker, 1)
+    await breaker.record_success()  # stored, closed, no failures
+    stored = store.states["dynamics"]
+    assert await breaker.record_success() is None
+    assert store.states["dynamics"] is stored
+
+
 async def test_a_success_with_nothing_stored_changes_nothing() -> None:
     breaker, store, _ = make_breaker()
     assert await breaker.record_success() is None
