@@ -18,11 +18,11 @@ import asyncio
 import contextlib
 import gc
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from functools import partial
-from typing import Protocol
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 import structlog
@@ -129,18 +129,27 @@ class _HeapFreeze:
                 gc.unfreeze()
 
 
-async def _sleep_unless(stop: asyncio.Event, sleeping: Awaitable[None]) -> None:
-    """Wait for ``sleeping`` or ``stop``, whichever comes first.
-
-    The two waits are cancelled however this ends, a cancellation of the caller included (the
-    heartbeat is cancelled in this wait when the worker stops): left behind, a pending ``stop.wait()``
-    was destroyed with the event loop ("Task was destroyed but it is pending!")."""
-    tasks = [asyncio.ensure_future(sleeping), asyncio.ensure_future(stop.wait())]
+async def _first_of(
+    waits: Iterable[Awaitable[object]],
+    *,
+    also: Iterable[asyncio.Future[Any]] = (),
+    at_most: float | None = None,
+) -> None:
+    """Until the first of ``waits`` or ``also`` is done, or ``at_most`` seconds pass. ``waits`` are made
+    for this wait and cancelled however it ends, a cancellation of the caller included (the heartbeat is
+    cancelled in its sleep when the worker stops): left behind, a pending ``stop.wait()`` was destroyed
+    with the event loop ("Task was destroyed but it is pending!"). ``also`` (deliveries) are left running."""
+    own = [asyncio.ensure_future(wait) for wait in waits]
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([*own, *also], timeout=at_most, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in tasks:
+        for task in own:
             task.cancel()
+
+
+async def _sleep_unless(stop: asyncio.Event, sleeping: Awaitable[None]) -> None:
+    """Wait for ``sleeping`` or ``stop``, whichever comes first."""
+    await _first_of([sleeping, stop.wait()])
 
 
 class WorkerFailed(CertsyncError):
@@ -508,14 +517,9 @@ class SyncWorker:
         if self._wake.is_set():
             self._wake.clear()
             return
-        signals = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
-        try:
-            await asyncio.wait(
-                [*signals, *self._tasks, *self._replays], timeout=seconds, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:  # as in _sleep_unless: never leave a wait pending behind a cancellation
-            for signal in signals:
-                signal.cancel()
+        await _first_of(
+            [stop.wait(), self._wake.wait()], also=[*self._tasks, *self._replays], at_most=seconds
+        )
         self._wake.clear()
 
     async def _deliver(self, event: ClaimedEvent) -> None:

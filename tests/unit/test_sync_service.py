@@ -94,6 +94,14 @@ def put_route(mock: respx.MockRouter, *responses: httpx.Response) -> respx.Route
     return mock.put(url__regex=rf"{BASE}/api/v1/certifications/.*").mock(side_effect=list(responses))
 
 
+def throttled_then_ok(count: int, retry_after: int) -> list[httpx.Response]:
+    """``count`` answers 429 with ``Retry-After``, then a 200."""
+    return [
+        *[httpx.Response(429, headers={"Retry-After": str(retry_after)})] * count,
+        httpx.Response(200, json={}),
+    ]
+
+
 @respx.mock
 async def test_all_retries_exhausted_creates_a_pending_queue_entry() -> None:
     h = Harness(threshold=10)
@@ -293,9 +301,7 @@ async def test_retries_cut_short_when_another_worker_opens_the_circuit_are_queue
 @respx.mock
 async def test_429s_pause_sending_but_never_open_the_circuit() -> None:
     h = Harness(threshold=1)
-    put_route(
-        respx.mock, *[httpx.Response(429, headers={"Retry-After": "1"})] * 3, httpx.Response(200, json={})
-    )
+    put_route(respx.mock, *throttled_then_ok(3, retry_after=1))
     outcome = await h.service.deliver(upsert(), operation_type="certification.status_changed")
     assert outcome.outcome is Outcome.DELIVERED
     assert await h.state() is CircuitState.CLOSED
@@ -307,9 +313,7 @@ async def test_a_burst_of_429s_longer_than_the_retries_uses_none_of_them() -> No
     """A 429 pauses the same attempt (as a bulk call's does): five in a row, more than the policy's
     three retries, still end in one delivered attempt, with no retry scheduled and nothing queued."""
     h = Harness(threshold=1)
-    route = put_route(
-        respx.mock, *[httpx.Response(429, headers={"Retry-After": "2"})] * 5, httpx.Response(200, json={})
-    )
+    route = put_route(respx.mock, *throttled_then_ok(5, retry_after=2))
     with capture_logs() as logs:
         outcome = await h.service.deliver(upsert(), operation_type="certification.status_changed")
     assert (outcome.outcome, outcome.attempts) == (Outcome.DELIVERED, 1)
@@ -325,9 +329,7 @@ async def test_twenty_429s_in_a_row_count_as_one_failed_attempt() -> None:
     """The pauses of one attempt are bounded: after the twentieth 429 it is one retry used up (the
     portal may be refusing us for good), then the next attempt starts afresh."""
     h = Harness(threshold=10)
-    route = put_route(
-        respx.mock, *[httpx.Response(429, headers={"Retry-After": "1"})] * 20, httpx.Response(200, json={})
-    )
+    route = put_route(respx.mock, *throttled_then_ok(20, retry_after=1))
     with capture_logs() as logs:
         outcome = await h.service.deliver(upsert(), operation_type="certification.status_changed")
     assert (outcome.outcome, outcome.attempts) == (Outcome.DELIVERED, 2)
